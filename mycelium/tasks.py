@@ -1,0 +1,109 @@
+"""The one table of task differences: the seed's recipe for C4, C5 and C6.
+
+Everything that differs between the three classifiers lives here; the data loader, trainer,
+tracking and serving code read a ``TaskSpec`` and never branch on the task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    # Record fields fed to the model, in order; several fields are joined with `separator`.
+    input_fields: tuple[str, ...]
+    # Input fields that may legitimately be "" (C4: no earlier step before the first one).
+    allow_empty: tuple[str, ...]
+    # Fixed label set, or () for an open set read from the data (C6).
+    labels: tuple[str, ...]
+    # Class whose F1 selects checkpoints ("minority" F1 for C4/C5); None -> macro F1.
+    minority_label: str | None
+    selection_metric: str  # "minority_f1" | "macro_f1"
+    data_prefix: str
+    registered_model: str
+    # Training recipe defaults (all overridable from MLproject parameters).
+    unfrozen_layers: int
+    class_weights: str  # none | balanced | clipped | sqrt_inv | explicit
+    weight_clip: float
+    loss: str  # ce | focal
+    focal_gamma: float
+    lr_head: float
+    lr_backbone: float
+    epochs: int = 5
+    num_workers: int = 4
+    separator: str = " [SEP] "
+    # What to try, in order, when the first attempt is not good enough (see trainer.fallbacks).
+    # "unfreeze": last 4 blocks trainable at lr 2e-5 when below fallback_threshold;
+    # "sqrt_inv" / "focal": collapse remedies for C6.
+    fallbacks: tuple[str, ...] = field(default_factory=tuple)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "c4": TaskSpec(
+        name="c4",
+        description="bridging detector: is an implicit operation needed between step_i and step_j?",
+        input_fields=("step_i", "step_j"),
+        allow_empty=("step_i",),
+        labels=("NOT_BRIDGING", "BRIDGING"),
+        minority_label="BRIDGING",
+        selection_metric="minority_f1",
+        data_prefix="s3://mycelium-data/c4/",
+        registered_model="mycelium-c4",
+        unfrozen_layers=0,
+        class_weights="balanced",  # BRIDGING ~19x at 2.6%
+        weight_clip=0.0,
+        loss="ce",
+        focal_gamma=2.0,
+        lr_head=1e-3,
+        lr_backbone=2e-5,
+        fallbacks=("unfreeze",),
+    ),
+    "c5": TaskSpec(
+        name="c5",
+        description="dependency resolver: does step_i's result feed into step_j?",
+        input_fields=("step_i", "step_j"),
+        allow_empty=(),
+        labels=("INDEPENDENT", "DEPENDS"),
+        minority_label="DEPENDS",
+        selection_metric="minority_f1",
+        data_prefix="s3://mycelium-data/c5/",
+        registered_model="mycelium-c5",
+        unfrozen_layers=0,
+        class_weights="balanced",  # from the measured distribution
+        weight_clip=0.0,
+        loss="ce",
+        focal_gamma=2.0,
+        lr_head=1e-3,
+        lr_backbone=2e-5,
+        fallbacks=("unfreeze",),
+    ),
+    "c6": TaskSpec(
+        name="c6",
+        description="answer type: what format must the final answer take?",
+        input_fields=("problem",),
+        allow_empty=(),
+        labels=(),  # open set: INTEGER, FRACTION, RADICAL, SET, EXPRESSION, ... from the data
+        minority_label=None,
+        selection_metric="macro_f1",
+        data_prefix="s3://mycelium-data/c6/",
+        registered_model="mycelium-c6",
+        unfrozen_layers=4,
+        class_weights="clipped",  # no class above 5x the base weight
+        weight_clip=5.0,
+        loss="ce",
+        focal_gamma=2.0,
+        lr_head=1e-3,
+        lr_backbone=2e-5,
+        fallbacks=("sqrt_inv", "focal"),
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}") from None

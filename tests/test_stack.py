@@ -1,0 +1,142 @@
+"""The embedded stack's life cycle against the real servers: S3, MLflow runs, registry, restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from mlflow import MlflowClient
+
+from mycelium import stack as stack_mod
+from tests.conftest import start_stack
+
+
+def _s3(cfg, signed=True):
+    creds = stack_mod.stack_env(cfg)
+    kwargs = dict(endpoint_url=cfg.s3_endpoint, region_name="us-east-1")
+    if signed:
+        kwargs.update(aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client("s3", config=Config(s3={"addressing_style": "path"}), **kwargs)
+    return boto3.client("s3", config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}), **kwargs)
+
+
+def _pids_alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return alive
+
+
+def _group_pids(pgid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    out.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return out
+
+
+def test_stack_lifecycle_persists_data(tmp_path, monkeypatch):
+    cfg = start_stack(tmp_path / "state")
+    env = stack_mod.stack_env(cfg)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        # Only loopback listeners, and anonymous requests are refused.
+        s3 = _s3(cfg)
+        key = f"smoke/{uuid.uuid4().hex}.txt"
+        s3.put_object(Bucket="mycelium-data", Key=key, Body=b"spores")
+        assert s3.get_object(Bucket="mycelium-data", Key=key)["Body"].read() == b"spores"
+        assert key in [o["Key"] for o in s3.list_objects_v2(Bucket="mycelium-data", Prefix="smoke/")["Contents"]]
+        with pytest.raises(Exception, match="AccessDenied|Access Denied"):
+            _s3(cfg, signed=False).get_object(Bucket="mycelium-data", Key=key)
+
+        # An MLflow run whose artifact lands as an object in S3 under models/.
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        exp = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
+        run = client.create_run(exp)
+        (tmp_path / "note.txt").write_text("artifact body")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"), "notes")
+        client.set_terminated(run.info.run_id)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mycelium-data", Prefix="models/")["Contents"]]
+        art_key = next(k for k in keys if run.info.run_id in k and k.endswith("notes/note.txt"))
+        assert s3.get_object(Bucket="mycelium-data", Key=art_key)["Body"].read() == b"artifact body"
+
+        # Registry: a version and an alias round trip.
+        name = f"stack-model-{uuid.uuid4().hex[:8]}"
+        client.create_registered_model(name)
+        mv = client.create_model_version(name, f"runs:/{run.info.run_id}/notes", run_id=run.info.run_id)
+        client.set_registered_model_alias(name, "champion", mv.version)
+        assert client.get_model_version_by_alias(name, "champion").version == mv.version
+
+        # `up` twice starts nothing new.
+        pids_before = {s: stack_mod._read_pid(cfg, s) for s in ("seaweedfs", "mlflow")}
+        stack_mod.up(cfg, log=lambda *_: None)
+        assert {s: stack_mod._read_pid(cfg, s) for s in ("seaweedfs", "mlflow")} == pids_before
+
+        # down -> up: object, run and alias survive.
+        groups = [pid for pid in pids_before.values()]
+        members = [p for g in groups for p in _group_pids(g)]
+        assert len(members) >= 2
+        stack_mod.down(cfg, log=lambda *_: None)
+        assert _pids_alive(members) == []
+        assert stack_mod.status(cfg)["mlflow"]["running"] is False
+
+        stack_mod.up(cfg, log=lambda *_: None)
+        s3 = _s3(cfg)
+        assert s3.get_object(Bucket="mycelium-data", Key=key)["Body"].read() == b"spores"
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert client.get_model_version_by_alias(name, "champion").version == mv.version
+    finally:
+        stack_mod.down(cfg, log=lambda *_: None)
+    assert stack_mod.status(cfg) == {
+        "seaweedfs": {"pid": None, "url": cfg.s3_endpoint, "running": False, "healthy": False},
+        "mlflow": {"pid": None, "url": cfg.tracking_uri, "running": False, "healthy": False},
+    }
+
+
+def test_stale_pid_and_busy_port(tmp_path, stack):
+    # A stale pid file (a process that no longer exists) is recognised and ignored.
+    cfg = stack_mod.StackConfig(state_dir=tmp_path / "s", ports=stack_mod.free_ports())
+    cfg.state_dir.mkdir(parents=True)
+    cfg.pid_file("mlflow").write_text("999999")
+    assert stack_mod._read_pid(cfg, "mlflow") is None
+    # A pid that is alive but is not our program (pid reuse) is not taken for ours.
+    cfg.pid_file("seaweedfs").write_text(str(os.getpid()))
+    assert stack_mod._read_pid(cfg, "seaweedfs") is None
+
+    # A port in use gives a clear error that names the port and the option to change it.
+    busy = stack_mod.StackConfig(state_dir=tmp_path / "b", ports={**stack_mod.free_ports(), "s3": stack.ports["s3"]})
+    with pytest.raises(stack_mod.StackError, match=rf"port {stack.ports['s3']} \(s3\).*--s3-port"):
+        stack_mod.up(busy, log=lambda *_: None)
+
+
+def test_cli_status_and_env(stack):
+    out = subprocess.run(
+        [sys.executable, "-m", "mycelium.cli", "stack", "status", "--state-dir", str(stack.state_dir)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "seaweedfs  healthy" in out and "mlflow     healthy" in out
+    assert stack.tracking_uri in out
+    env = subprocess.run(
+        [sys.executable, "-m", "mycelium.cli", "stack", "env", "--state-dir", str(stack.state_dir)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n" in env
+    assert f"export AWS_ENDPOINT_URL_S3={stack.s3_endpoint}\n" in env
