@@ -44,20 +44,76 @@ def _add_stack(sub) -> None:
     p.set_defaults(func=cmd_stack)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "demo":
+        from mycelium.data.demo import write_demo_corpus
+
+        stats = write_demo_corpus(args.dest, files=args.files, per_file=args.per_file, seed=args.seed)
+        for task, st in stats.items():
+            counts = st["class_counts"]
+            total = sum(counts.values())
+            mix = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            print(f"{task}: {st['files']} files, {total} records -> {args.dest.rstrip('/')}/{task}/  ({mix})")
+        return 0
+    if args.action == "stats":
+        from mycelium.data.stats import print_stats, stats_report
+        from mycelium.tasks import get_task
+
+        report = stats_report(args.prefix, get_task(args.task), field_map=args.field_map or None, label_names=args.label_names or None)
+        print_stats(report)
+        return 0
+    if args.action == "gsm8k":
+        from mycelium.data.gsm8k import convert_gsm8k
+
+        counts = convert_gsm8k(args.file, args.dest, per_file=args.per_file)
+        print(counts)
+        return 0
+    return 1
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="demo corpus, GSM8K conversion, dataset statistics")
+    dsub = p.add_subparsers(dest="action", required=True)
+    demo = dsub.add_parser("demo", help="write a seed-shaped demo corpus for c4, c5 and c6")
+    demo.add_argument("--dest", default="s3://mycelium-data", help="destination prefix (S3 URI or local folder)")
+    demo.add_argument("--files", type=int, default=117, help="files per task (seed: 117)")
+    demo.add_argument("--per-file", type=int, default=583, help="records per file (seed: ~583)")
+    demo.add_argument("--seed", type=int, default=0)
+    stats = dsub.add_parser("stats", help="files, records, class distribution and bad records under a prefix")
+    stats.add_argument("prefix")
+    stats.add_argument("--task", required=True, choices=["c4", "c5", "c6"])
+    stats.add_argument("--field-map", default="")
+    stats.add_argument("--label-names", default="")
+    g = dsub.add_parser("gsm8k", help="turn GSM8K-format solutions into c4 and c5 record files")
+    g.add_argument("file", help="JSONL with question and answer per record")
+    g.add_argument("--dest", required=True, help="destination prefix; writes DEST/c4/ and DEST/c5/")
+    g.add_argument("--per-file", type=int, default=583)
+    p.set_defaults(func=cmd_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mycelium", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_stack(sub)
+    _add_data(sub)
+    t = sub.add_parser("train", help="train one task (same parameters as `mlflow run . -e cX -P ...`)", add_help=False)
+    t.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from mycelium.entry import main as train_main
+
+        return train_main(None, argv[1:])
     args = build_parser().parse_args(argv)
+    from mycelium.data.loading import DataError
     from mycelium.stack import StackError
 
     try:
         return int(args.func(args) or 0)
-    except StackError as e:
+    except (StackError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

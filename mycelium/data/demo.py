@@ -179,7 +179,7 @@ def _price(r: Random, cents: bool, lo: int = 1, hi: int = 15) -> Fraction:
 def _shopping(r: Random) -> DemoProblem:
     """Two to four independent purchases, a total and maybe change: many INDEPENDENT pairs."""
     name, she, her = _person(r)
-    n_items = r.choice([2, 2, 3, 3, 4])
+    n_items = r.choice([2, 3, 4, 4, 5])
     goods = r.sample(_GOODS, n_items)
     cents = r.random() < 0.35
     counts = [r.randint(2, 9) for _ in goods]
@@ -222,6 +222,49 @@ def _trip(r: Random) -> DemoProblem:
     lunches = s.calc("Lunches cost {}.", f"{_fmt(people)}*{lunch}", money=True)
     tot = s.calc("The trip costs {} in total.", f"{bus}+{_fmt(st)}+{_fmt(te)}+{_fmt(lunches)}", money=True)
     return s.done(q, _fmt(tot), "trip")
+
+
+def _bake_sale(r: Random) -> DemoProblem:
+    """Revenue from several products computed independently, then profit after costs."""
+    name, she, her = _person(r)
+    products = r.sample(["cookies", "brownies", "cupcakes", "muffins", "lemon bars", "pretzels"], r.choice([3, 3, 4]))
+    sold = [r.randint(8, 40) for _ in products]
+    prices = [_price(r, r.random() < 0.3, 1, 4) for _ in products]
+    supplies = r.randint(10, 60)
+    parts = [f"{n} {p} for {_money(c)} each" for p, n, c in zip(products, sold, prices)]
+    q = (
+        f"At a bake sale, {name} sells " + ", ".join(parts[:-1]) + f" and {parts[-1]}. "
+        f"{she.capitalize()} spent ${supplies} on supplies. How much profit does {she} make?"
+    )
+    s = _Solution(r)
+    money = [s.calc(f"The {p} bring in {{}}.", f"{n}*{_fmt(c)}", money=True) for p, n, c in zip(products, sold, prices)]
+    tot = s.calc(f"{she.capitalize()} takes in {{}}.", "+".join(_fmt(m) for m in money), money=True)
+    profit = s.calc(f"{her.capitalize()} profit is {{}}.", f"{_fmt(tot)}-{supplies}", money=True)
+    return s.done(q, _fmt(profit), "bake_sale")
+
+
+def _compare(r: Random) -> DemoProblem:
+    """Two parallel chains (one per person) joined by a final difference."""
+    (n1, s1, h1), (n2, s2, h2) = r.sample(_NAMES, 2)
+    unit, verb = r.choice([("pages", "reads"), ("laps", "swims"), ("miles", "bikes"), ("push-ups", "does")])
+    a, da, xa = r.randint(8, 30), r.randint(3, 7), r.randint(5, 40)
+    b, db, xb = r.randint(8, 30), r.randint(3, 7), r.randint(5, 40)
+    if a * da + xa == b * db + xb:
+        xa += 1
+    if a * da + xa < b * db + xb:
+        (n1, s1, h1, a, da, xa), (n2, s2, h2, b, db, xb) = (n2, s2, h2, b, db, xb), (n1, s1, h1, a, da, xa)
+    q = (
+        f"{n1} {verb} {a} {unit} a day for {_count(r, da)} days and then {xa} {unit} on the weekend. "
+        f"{n2} {verb} {b} {unit} a day for {_count(r, db)} days and then {xb} {unit} on the weekend. "
+        f"How many more {unit} does {n1} do than {n2}?".replace(f"{unit} does {n1} do", f"{unit} does {n1} {verb.rstrip('s') if verb != 'does' else 'do'}")
+    )
+    s = _Solution(r)
+    p1 = s.calc(f"On weekdays {n1} {verb} {{}} {unit}.", f"{a}*{da}")
+    t1 = s.calc(f"In all {n1} {verb} {{}} {unit}.", f"{_fmt(p1)}+{xa}")
+    p2 = s.calc(f"On weekdays {n2} {verb} {{}} {unit}.", f"{b}*{db}")
+    t2 = s.calc(f"In all {n2} {verb} {{}} {unit}.", f"{_fmt(p2)}+{xb}")
+    d = s.calc(f"{n1} {verb} {{}} more {unit}.", f"{_fmt(t1)}-{_fmt(t2)}")
+    return s.done(q, _fmt(d), "compare")
 
 
 def _garden_beds(r: Random) -> DemoProblem:
@@ -277,10 +320,10 @@ def _discount(r: Random) -> DemoProblem:
     s = _Solution(r)
     expr = r.choice([f"{price}*{rate}/100", f"{rate}/100*{price}", f"{price}*{_fmt(Fraction(rate, 100))}"])
     if tax:
-        t = s.calc("The tax is {}.", expr, money=True)
+        t = s.calc("The tax adds {} to the cost.", expr, money=True)
         out = s.calc(f"{name} pays {{}} in total.", f"{price}+{_fmt(t)}", money=True)
     else:
-        d = s.calc("The discount is {}.", expr, money=True)
+        d = s.calc(r.choice(["The discount is {}.", "The discount takes {} off the cost."]), expr, money=True)
         out = s.calc(f"After the discount, {she} pays {{}}.", f"{price}-{_fmt(d)}", money=True)
     return s.done(q, _fmt(out), "discount")
 
@@ -329,7 +372,7 @@ def _time_convert(r: Random) -> DemoProblem:
         d = r.choice([x for x in range(2, 15) if (m * x) % 15 == 0] or [12])
         q = f"{name} {act} for {m} minutes every day. How many hours does {she} spend on it in {_count(r, d)} days?"
         tot = s.calc("That is {} minutes.", f"{m}*{d}")
-        hrs = s.calc("That is {} hours.", f"{_fmt(tot)}/60")
+        hrs = s.calc("In hours that is {}.", f"{_fmt(tot)}/60")
         return s.done(q, _fmt(hrs), "time_convert")
     if kind < 0.5:
         h = r.randint(2, 5)
@@ -366,7 +409,7 @@ def _length_convert(r: Random) -> DemoProblem:
         f = r.choice([x for x in range(2, 11) if x != 12])
         c = r.choice([x for x in (2, 3, 4, 6, 8, 9, 16, 18, 24) if (f * 12) % x == 0])
         q = f"{name} has a board that is {f} feet long. {she.capitalize()} cuts it into pieces that are {c} inches long. How many pieces does {she} get?"
-        inches = s.calc("The board is {} inches long.", f"{f}*12")
+        inches = s.calc("In inches the board is {} long.", f"{f}*12")
         n = s.calc(f"{she.capitalize()} gets {{}} pieces.", f"{_fmt(inches)}/{c}")
         return s.done(q, _fmt(n), "length_convert")
     if kind < 0.55:
@@ -415,7 +458,7 @@ def _weeks(r: Random) -> DemoProblem:
     thing = r.choice(["walks", "bikes", "runs"])
     if r.random() < 0.5:
         q = f"{name} {thing} {k} miles every day. How many miles does {she} cover in {_count(r, w)} weeks?"
-        days = s.calc("That is {} days.", f"{w}*7")
+        days = s.calc("In days that is {}.", f"{w}*7")
         miles = s.calc(f"{she.capitalize()} covers {{}} miles.", f"{_fmt(days)}*{k}")
         return s.done(q, _fmt(miles), "weeks_convert")
     dd = r.randint(3, 6)
@@ -433,7 +476,7 @@ def _weight(r: Random) -> DemoProblem:
     if r.random() < 0.5:
         k = r.randint(2, 5)
         q = f"A bag holds {k} kilograms of flour. Each loaf of bread needs {g} grams of flour. How many loaves can {name} bake with the bag?"
-        grams = s.calc("The bag holds {} grams.", f"{k}*1000")
+        grams = s.calc("In grams the bag holds {}.", f"{k}*1000")
         n = s.calc(f"{she.capitalize()} can bake {{}} loaves.", f"{_fmt(grams)}/{g}")
         return s.done(q, _fmt(n), "weight_convert")
     n = r.randint(3, 12)
@@ -450,7 +493,7 @@ def _cents(r: Random) -> DemoProblem:
     q = f"{name} buys {n} {thing} that cost {c} cents each. How many dollars does {she} spend?"
     s = _Solution(r)
     tot = s.calc(f"{she.capitalize()} spends {{}} cents.", f"{n}*{c}")
-    dollars = s.calc("That is {} dollars.", f"{_fmt(tot)}/100")
+    dollars = s.calc("In dollars that is {}.", f"{_fmt(tot)}/100")
     return s.done(q, _fmt(dollars), "cents")
 
 
@@ -629,35 +672,66 @@ def _consecutive(r: Random) -> DemoProblem:
 
 
 def _expression(r: Random) -> DemoProblem:
-    """EXPRESSION answers (free variables); the "simplify" form sometimes collapses to an integer."""
+    """EXPRESSION answers (free variables).  Each setting also comes as "... if x = 5, what is
+    ..." (an INTEGER), and "simplify" sometimes collapses to a number, so the words of the setting
+    do not give the type away."""
     name, she, her = _person(r)
     s = _Solution(r)
     kind = r.randrange(4)
+    value_at = r.random() < 0.3  # the INTEGER twin: same setting, a number substituted
+    v = r.randint(2, 12)
     if kind == 0:
         a = r.randint(1, 12)
-        q = f"A rectangle has a length of x + {a} and a width of x. Write an expression for its perimeter."
-        ans = f"4x + {2 * a}" if r.random() < 0.5 else f"4x+{2 * a}"
-        s.say(f"The perimeter is 2(x + {a}) + 2x = {ans}.")
+        q = f"A rectangle has a length of x + {a} and a width of x. "
+        if value_at:
+            q += f"If x = {v}, what is its perimeter?"
+            length = s.calc("The length is {}.", f"{v}+{a}")
+            ans = _fmt(s.calc("The perimeter is {}.", f"{_fmt(length)}+{v}+{_fmt(length)}+{v}"))
+        else:
+            q += r.choice(["Write an expression for its perimeter.", "Find its perimeter in terms of x."])
+            ans = f"4x + {2 * a}" if r.random() < 0.5 else f"4x+{2 * a}"
+            s.say(f"The perimeter is 2(x + {a}) + 2x = {ans}.")
     elif kind == 1:
         a = r.randint(1, 9)
         (other, _, _) = _person(r, exclude=(name,))
-        q = f"{name} has n marbles. {other} has {a} more than twice as many marbles as {name}. Write an expression for the number of marbles they have together."
-        ans = f"3n + {a}"
-        s.say(f"{other} has 2n + {a}, so together they have n + 2n + {a} = {ans}.")
+        q = f"{name} has n marbles. {other} has {a} more than twice as many marbles as {name}. "
+        if value_at:
+            q += f"If n = {v}, how many marbles do they have together?"
+            twice = s.calc(f"{other} has {{}} marbles before the extra ones.", f"{v}*2")
+            o = s.calc(f"{other} has {{}} marbles.", f"{_fmt(twice)}+{a}")
+            ans = _fmt(s.calc("Together they have {} marbles.", f"{v}+{_fmt(o)}"))
+        else:
+            q += r.choice(["Write an expression for the number of marbles they have together.", "How many marbles do they have together, in terms of n?"])
+            ans = f"3n + {a}"
+            s.say(f"{other} has 2n + {a}, so together they have n + 2n + {a} = {ans}.")
     elif kind == 2:
         p, a = r.randint(2, 7), r.randint(1, 9)
-        qq = p if r.random() < 0.15 else r.choice([v for v in range(1, 7) if v != p])
-        q = f"Simplify {p}(x + {a}) - {qq}x."
+        qq = p if r.random() < 0.15 else r.choice([w for w in range(1, 7) if w != p])
         coef = p - qq
-        term = "x" if coef == 1 else "-x" if coef == -1 else f"{coef}x"
-        ans = str(p * a) if coef == 0 else f"{term} + {p * a}"
-        s.say(f"Expanding gives {p}x + {p * a} - {qq}x = {ans}.")
+        if value_at:
+            q = f"Evaluate {p}(x + {a}) - {qq}x when x = {v}."
+            inner = s.calc("The bracket is {}.", f"{v}+{a}")
+            first = s.calc("The first part is {}.", f"{p}*{_fmt(inner)}")
+            second = s.calc("The second part is {}.", f"{qq}*{v}")
+            ans = _fmt(s.calc("The value is {}.", f"{_fmt(first)}-{_fmt(second)}"))
+        else:
+            q = f"Simplify the expression {p}(x + {a}) - {qq}x." if r.random() < 0.5 else f"Simplify {p}(x + {a}) - {qq}x."
+            term = "x" if coef == 1 else "-x" if coef == -1 else f"{coef}x"
+            ans = str(p * a) if coef == 0 else f"{term} + {p * a}"
+            s.say(f"Expanding gives {p}x + {p * a} - {qq}x = {ans}.")
     else:
         a, b = r.randint(2, 9), r.randint(1, 4)
-        q = f"A taxi charges ${a} plus ${b} for each mile. Write an expression for the cost, in dollars, of a ride of m miles."
-        ans = f"{a} + {b}m"
-        s.say(f"The cost is {ans}.")
-    return s.done(q, ans, "expression")
+        var = r.choice("mdk")
+        q = f"A taxi charges ${a} plus ${b} for each mile. "
+        if value_at:
+            q += f"A ride is {var} miles long. If {var} = {v}, how much does the ride cost, in dollars?"
+            per = s.calc("The miles cost {}.", f"{b}*{v}", money=True)
+            ans = _fmt(s.calc("The ride costs {}.", f"{a}+{_fmt(per)}", money=True))
+        else:
+            q += f"Write an expression for the cost, in dollars, of a ride of {var} miles."
+            ans = f"{a} + {b}{var}"
+            s.say(f"The cost is {ans}.")
+    return s.done(q, ans, "expression_value" if value_at else "expression")
 
 
 def _evaluate(r: Random) -> DemoProblem:
@@ -722,9 +796,13 @@ def _absolute_value(r: Random) -> DemoProblem:
     s = _Solution(r)
     if r.random() < 0.6:
         sign = "-" if a >= 0 else "+"
-        q = f"Solve |x {sign} {abs(a)}| = {b}. List all solutions."
         hi = s.calc("One solution is {}.", f"{a}+{b}")
         lo = s.calc("The other solution is {}.", f"{a}-{b}")
+        if r.random() < 0.25:  # the INTEGER twin: the same two solutions, combined
+            q = f"What is the sum of all solutions of |x {sign} {abs(a)}| = {b}?"
+            total = s.calc("Their sum is {}.", f"{_fmt(hi)}+{_fmt(lo)}")
+            return s.done(q, _fmt(total), "absolute_value_sum")
+        q = r.choice([f"Solve |x {sign} {abs(a)}| = {b}. List all solutions.", f"Find all solutions of |x {sign} {abs(a)}| = {b}."])
         return s.done(q, _set_answer(sorted([int(lo), int(hi)]), r), "absolute_value")
     a = abs(a) + 15
     q = f"A thermostat is set to {a} degrees, and the room temperature always stays within {b} degrees of the setting. What are the lowest and highest possible temperatures?"
@@ -757,23 +835,32 @@ def _inequality(r: Random) -> DemoProblem:
     a, b = r.randint(2, 7), r.randint(1, 15)
     c = b + r.randint(1, 40)
     s = _Solution(r)
-    if r.random() < 0.25:
+    if r.random() < 0.3:
         lo_c, hi_c = r.randint(-10, 5), r.randint(6, 25)
         k = r.randint(1, 9)
-        q = f"Solve {lo_c} \\le x + {k} \\le {hi_c}." + (" Give your answer in interval notation." if r.random() < 0.4 else "")
         lo = s.calc("The lower end is {}.", f"{lo_c}-{k}")
         hi = s.calc("The upper end is {}.", f"{hi_c}-{k}")
+        if r.random() < 0.3:  # the INTEGER twin: count the integers in the same interval
+            q = f"How many integers x satisfy {lo_c} \\le x + {k} \\le {hi_c}?"
+            s.say(f"The integers from {_fmt(lo)} to {_fmt(hi)} are {int(hi - lo) + 1} numbers.")
+            return s.done(q, str(int(hi - lo) + 1), "interval_count")
+        q = f"Solve {lo_c} \\le x + {k} \\le {hi_c}." + (" Give your answer in interval notation." if r.random() < 0.25 else "")
         return s.done(q, f"[{_fmt(lo)}, {_fmt(hi)}]", "interval_double")
     op = r.choice(["<", ">", "\\le", "\\ge"])
     d = s.calc("Subtracting gives {}.", f"{c}-{b}")
     bound = s.calc("Dividing gives {}.", f"{_fmt(d)}/{a}")
-    if op in ("<", "\\le") and r.random() < 0.3:
-        q = f"What is the largest integer x that satisfies the inequality {a}x + {b} {op} {c}?"
-        n = math.floor(bound) if (op == "\\le" or bound.denominator != 1) else int(bound) - 1
-        s.say(f"So the largest integer is {n}.")
+    if r.random() < 0.3:  # the INTEGER twin: the extreme integer of the same solution set
+        if op in ("<", "\\le"):
+            word = "largest"
+            n = math.floor(bound) if (op == "\\le" or bound.denominator != 1) else int(bound) - 1
+        else:
+            word = "smallest"
+            n = math.ceil(bound) if (op == "\\ge" or bound.denominator != 1) else int(bound) + 1
+        q = f"What is the {word} integer x that satisfies the inequality {a}x + {b} {op} {c}?"
+        s.say(f"So the {word} integer is {n}.")
         return s.done(q, str(n), "inequality_integer")
     q = r.choice([f"Solve the inequality {a}x + {b} {op} {c}.", f"Find all x with {a}x + {b} {op} {c}."])
-    if r.random() < 0.4:
+    if r.random() < 0.25:
         q += " Express your answer in interval notation."
     e = _frac_latex(bound, r)
     ans = {
@@ -786,33 +873,50 @@ def _inequality(r: Random) -> DemoProblem:
 
 
 def _fraction_of(r: Random) -> DemoProblem:
-    """FRACTION: a part of a whole, reduced."""
+    """A part of a whole: FRACTION; also asked as a count of slices (INTEGER) or as a decimal."""
     (n1, _, _), (n2, _, _) = r.sample(_NAMES, 2)
     n = r.choice([6, 8, 10, 12, 16])
     a = r.randint(1, n // 2 - 1)
     b = r.randint(1, n - a - 1)
     s = _Solution(r)
-    eaten = s.calc("They ate {} slices.", f"{a}+{b}")
     left = r.random() < 0.4
-    q = f"A pizza is cut into {n} equal slices. {n1} eats {a} slices and {n2} eats {b} slices. What fraction of the pizza {'is left' if left else 'did they eat'}?"
+    stem = f"A pizza is cut into {n} equal slices. {n1} eats {a} slices and {n2} eats {b} slices."
+    eaten = s.calc("They ate {} slices.", f"{a}+{b}")
+    if left:
+        part = s.calc("There are {} slices left.", f"{n}-{_fmt(eaten)}")
+    else:
+        part = eaten
+    what = "is left" if left else "did they eat"
+    ask = r.random()
+    if ask < 0.2:
+        q = f"{stem} How many slices {'are left' if left else 'did they eat altogether'}?"
+        return s.done(q, _fmt(part), "fraction_count")
+    frac = s.calc("That is {} of the pizza.", f"{_fmt(part)}/{n}")
+    if ask < 0.4 and n in (8, 10, 16):  # a terminating decimal
+        q = f"{stem} What fraction of the pizza {what}? Express your answer as a decimal."
+        return s.done(q, _fmt(frac), "fraction_decimal")
+    q = f"{stem} What fraction of the pizza {what}?"
     if r.random() < 0.35:
         q += " Express your answer as a common fraction."
-    if left:
-        rest = s.calc("There are {} slices left.", f"{n}-{_fmt(eaten)}")
-        frac = s.calc("That is {} of the pizza.", f"{_fmt(rest)}/{n}")
-    else:
-        frac = s.calc("That is {} of the pizza.", f"{_fmt(eaten)}/{n}")
     return s.done(q, _frac_latex(frac, r), "fraction_of")
 
 
 def _probability(r: Random) -> DemoProblem:
+    """Probability as a fraction (sometimes a decimal); the same bag also asks for a count."""
     c1, c2, c3 = r.sample(_COLORS, 3)
     x, y, z = r.randint(1, 9), r.randint(1, 9), r.randint(1, 9)
-    q = f"A bag holds {x} {c1} marbles, {y} {c2} marbles and {z} {c3} marbles. One marble is drawn at random. What is the probability that it is {c1} or {c2}?"
+    stem = f"A bag holds {x} {c1} marbles, {y} {c2} marbles and {z} {c3} marbles."
     s = _Solution(r)
     tot = s.calc("There are {} marbles.", f"{x}+{y}+{z}")
     good = s.calc(f"{{}} of them are {c1} or {c2}.", f"{x}+{y}")
+    if r.random() < 0.2:
+        q = f"{stem} {r.choice(['Two', 'Three'])} more {c3} marbles are added, and one marble is drawn at random. How many marbles were in the bag before any were added?"
+        return s.done(q, _fmt(tot), "marble_count")
     p = s.calc("The probability is {}.", f"{_fmt(good)}/{_fmt(tot)}")
+    q = f"{stem} One marble is drawn at random. What is the probability that it is {c1} or {c2}?"
+    if _fmt(p).count("/") == 0 and r.random() < 0.4:
+        q += " Express your answer as a decimal."
+        return s.done(q, _fmt(p), "probability_decimal")
     return s.done(q, _frac_latex(p, r), "probability")
 
 
@@ -958,47 +1062,49 @@ Template = Callable[[Random], DemoProblem]
 # The mix.  Weights were tuned (see the module tests) so that at the default size ~2.6% of C4
 # transitions are BRIDGING and ~60% of C6 answers are integers, with every tail type >= 3%.
 MIX: tuple[tuple[Template, float], ...] = (
-    (_shopping, 9),
-    (_trip, 2),
-    (_garden_beds, 2),
-    (_wages, 5),
-    (_discount, 1.2),
-    (_percent_points, 2),
-    (_speed_distance, 5),
-    (_time_convert, 2.2),
-    (_length_convert, 1.4),
+    (_shopping, 14),
+    (_trip, 8),
+    (_garden_beds, 7),
+    (_bake_sale, 8),
+    (_compare, 9),
+    (_wages, 3),
+    (_discount, 1.6),
+    (_percent_points, 2.5),
+    (_speed_distance, 3),
+    (_time_convert, 3),
+    (_length_convert, 1.9),
     (_stated_multiplier, 4),
-    (_weeks, 1.4),
-    (_weight, 1.0),
-    (_cents, 0.5),
+    (_weeks, 1.9),
+    (_weight, 1.4),
+    (_cents, 0.65),
     (_rectangle_area, 4),
-    (_fence, 2),
-    (_triangle_area, 0.5),
-    (_box_volume, 3),
-    (_hypotenuse, 4),
-    (_square_side, 4),
-    (_circle, 2.5),
+    (_fence, 2.7),
+    (_triangle_area, 0.65),
+    (_box_volume, 2),
+    (_hypotenuse, 7),
+    (_square_side, 7.5),
+    (_circle, 3),
     (_linear_equation, 5),
-    (_ages, 2),
-    (_consecutive, 0.4),
-    (_expression, 4.5),
-    (_evaluate, 2.5),
-    (_quadratic, 4),
-    (_absolute_value, 2),
-    (_multiples, 2),
-    (_inequality, 3),
-    (_fraction_of, 2.5),
-    (_probability, 2),
-    (_share, 2.5),
-    (_simplify_fraction, 2.5),
-    (_average, 1.5),
-    (_farm, 4),
-    (_hall, 4),
-    (_factory, 4),
+    (_ages, 2.7),
+    (_consecutive, 0.55),
+    (_expression, 10),
+    (_evaluate, 2),
+    (_quadratic, 7),
+    (_absolute_value, 2.5),
+    (_multiples, 2.5),
+    (_inequality, 7),
+    (_fraction_of, 5),
+    (_probability, 3.5),
+    (_share, 3.5),
+    (_simplify_fraction, 4),
+    (_average, 2),
+    (_farm, 2.5),
+    (_hall, 2.5),
+    (_factory, 3),
     (_running, 3),
     (_unit_price, 2.5),
     (_savings, 3),
-    (_recipe, 3),
+    (_recipe, 2),
 )
 
 

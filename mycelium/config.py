@@ -1,0 +1,187 @@
+"""Training configuration: one dataclass, filled from a task spec and overridden by parameters.
+
+The MLproject entry points, ``mycelium train`` and tests all build a ``TrainConfig`` through
+``config_from_args``; every field can be set with ``-P name=value`` (MLproject) or ``--name value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .tasks import TaskSpec, get_task
+
+DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
+WEIGHT_SCHEMES = ("none", "balanced", "clipped", "sqrt_inv", "explicit")
+LOSSES = ("ce", "focal")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
+
+
+class ConfigError(ValueError):
+    """A parameter is out of range; the message names the parameter and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    data: str = ""  # default: the task's S3 prefix
+    backbone: str = DEFAULT_BACKBONE
+    revision: str = ""
+    epochs: int = 5
+    batch_size: int = 32
+    lr_head: float = 1e-3
+    lr_backbone: float = 2e-5
+    weight_decay: float = 0.01
+    unfrozen_layers: int = 0
+    class_weights: str = "balanced"
+    weight_clip: float = 5.0
+    explicit_weights: str = ""  # "1.0,19.2" in label order, with class_weights=explicit
+    loss: str = "ce"
+    focal_gamma: float = 2.0
+    precision: str = "auto"
+    num_workers: int = 4
+    max_length: int = 128
+    seed: int = 0
+    val_fraction: float = 0.2
+    registered_model: str = ""
+    experiment: str = ""  # default: the registered model name
+    field_map: str = ""  # "problem=text,label=target"
+    label_names: str = ""  # "INTEGER,FRACTION,..." for integer labels
+    on_error: str = "fail"  # fail | skip
+    fallback_threshold: float = 0.80
+    fallbacks: str = "auto"  # auto (the task's ladder) | none | comma list of unfreeze,sqrt_inv,focal
+    force_fallbacks: bool = False  # run the whole ladder even when the first attempt is good
+    collapse_dominance: float = 0.9
+    dropout: float = 0.1
+    token_budget: int = 8192  # padded tokens per batch for backbone passes
+    cache: bool = True  # feature / prefix cache for frozen computation
+    cache_memory_gb: float = 8.0
+    resume: bool = False
+    run_name: str = ""
+    device: str = "auto"
+    spec: TaskSpec | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.spec or get_task(self.task)
+        self.data = self.data or self.spec.data_prefix
+        self.registered_model = self.registered_model or self.spec.registered_model
+        self.experiment = self.experiment or self.registered_model
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"parameter {name}={getattr(self, name)!r}: {why} (set it with -P {name}=... or --{name.replace('_', '-')})")
+
+        if self.epochs < 1 or self.epochs > 1000:
+            raise bad("epochs", "must be between 1 and 1000")
+        if self.batch_size < 1:
+            raise bad("batch_size", "must be at least 1")
+        for name in ("lr_head", "lr_backbone"):
+            if not 0 < getattr(self, name) < 1:
+                raise bad(name, "must be in (0, 1)")
+        if self.unfrozen_layers < 0:
+            raise bad("unfrozen_layers", "must be >= 0 (0 = frozen backbone)")
+        if self.class_weights not in WEIGHT_SCHEMES:
+            raise bad("class_weights", f"choose one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.class_weights == "explicit" and not self.explicit_weights:
+            raise bad("explicit_weights", "class_weights=explicit needs weights in label order, e.g. 1.0,19.2")
+        if self.class_weights == "clipped" and self.weight_clip < 1:
+            raise bad("weight_clip", "must be >= 1 (a multiple of the smallest class weight)")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"choose one of {', '.join(LOSSES)}")
+        if self.focal_gamma < 0:
+            raise bad("focal_gamma", "must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
+        if self.num_workers < 0:
+            raise bad("num_workers", "must be >= 0")
+        if not 8 <= self.max_length <= 32768:
+            raise bad("max_length", "must be between 8 and 32768 tokens")
+        if not 0 < self.val_fraction < 1:
+            raise bad("val_fraction", "must be in (0, 1)")
+        if self.on_error not in ("fail", "skip"):
+            raise bad("on_error", "choose fail or skip")
+        if not 0 <= self.fallback_threshold <= 1:
+            raise bad("fallback_threshold", "must be in [0, 1]")
+        if not 0 < self.collapse_dominance <= 1:
+            raise bad("collapse_dominance", "must be in (0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "must be in [0, 1)")
+        if self.token_budget < self.max_length:
+            raise bad("token_budget", f"must be at least max_length ({self.max_length})")
+        for step in self.fallback_steps():
+            if step not in FALLBACK_STEPS:
+                raise bad("fallbacks", f"unknown step {step!r}: use auto, none, or a list of {', '.join(FALLBACK_STEPS)}")
+        if not self.backbone:
+            raise bad("backbone", "give a hub id, a local path, or minilm (the packaged offline encoder)")
+
+    def fallback_steps(self) -> tuple[str, ...]:
+        if self.fallbacks == "auto":
+            return self.spec.fallbacks
+        if self.fallbacks in ("", "none"):
+            return ()
+        return tuple(s.strip() for s in self.fallbacks.split(",") if s.strip())
+
+    def params(self) -> dict[str, str]:
+        """The configuration as MLflow params (no secrets live here: credentials come from env)."""
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "spec"}
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _int(value: str) -> int:
+    # MLproject has no integer type: "5.0" arrives for a float parameter.
+    f = float(value)
+    if f != int(f):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
+    return int(f)
+
+
+def task_defaults(spec: TaskSpec) -> dict:
+    """The seed's recipe for a task, as TrainConfig field values."""
+    return {
+        "unfrozen_layers": spec.unfrozen_layers,
+        "class_weights": spec.class_weights,
+        "weight_clip": spec.weight_clip if spec.weight_clip >= 1 else 5.0,
+        "loss": spec.loss,
+        "focal_gamma": spec.focal_gamma,
+        "lr_head": spec.lr_head,
+        "lr_backbone": spec.lr_backbone,
+        "epochs": spec.epochs,
+        "num_workers": spec.num_workers,
+    }
+
+
+def build_arg_parser(task: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"mycelium train{' --task ' + task if task else ''}",
+        description="Train a Mycelium classifier, tracked in MLflow.",
+    )
+    if task is None:
+        p.add_argument("--task", required=True, choices=["c4", "c5", "c6"])
+    types = {int: _int, float: float, str: str, bool: _bool}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("task", "spec"):
+            continue
+        ftype = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=types[ftype], default=None)
+    return p
+
+
+def config_from_args(argv: list[str] | None, task: str | None = None) -> TrainConfig:
+    args = build_arg_parser(task).parse_args(argv)
+    task = task or args.task
+    spec = get_task(task)
+    values = task_defaults(spec)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "task"})
+    cfg = TrainConfig(task=task, spec=spec, **values)
+    cfg.validate()
+    return cfg

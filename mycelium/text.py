@@ -1,0 +1,76 @@
+"""From raw record fields to token ids and padded batches — the one path shared by training,
+evaluation and serving, so a served model sees exactly what training saw."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def join_inputs(inputs: Sequence[str], separator: str) -> str:
+    """``("step_i", "step_j")`` -> ``"step_i [SEP] step_j"`` (the seed's pair format); one field as is."""
+    return separator.join(inputs)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 4096) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, unpadded (batches pad to their own longest).
+
+    Fast tokenizers encode a whole list in Rust threads; chunking keeps memory flat on big corpora.
+    """
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_attention_mask=False,
+        )
+        ids.extend(enc["input_ids"])
+    return ids
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence in the batch; returns ``(input_ids, attention_mask)`` as int64."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        if side == "left":
+            ids[row, longest - n :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, longest - n :] = 1
+        else:
+            ids[row, :n] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, :n] = 1
+    return ids, mask
+
+
+def length_buckets(lengths: Sequence[int], token_budget: int, max_batch: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Batches of indices with similar lengths, each under ``token_budget`` padded tokens.
+
+    Sorting by length keeps padding waste near zero (the design's lower bound is one pass over
+    real tokens); with a generator, the order of batches (and ties) is shuffled for training.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if generator is not None:
+        # Shuffle within equal lengths so repeated epochs do not see identical batches.
+        noise = torch.rand(len(lengths), generator=generator).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], noise[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and (longest_if_added * (len(current) + 1) > token_budget or len(current) >= max_batch):
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    if generator is not None:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[p] for p in perm]
+    return batches

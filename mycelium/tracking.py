@@ -1,0 +1,213 @@
+"""Everything that talks to the MLflow tracking server and model registry.
+
+Layout of what a training leaves behind (the "tracking contract" of the design):
+
+* experiment ``mycelium-cX`` (the registered model name by default), one parent run per training;
+* one nested child run per attempt (the seed's recipe, then each fallback / collapse remedy), all
+  with the same metric names, so the UI's compare view puts them side by side;
+* per epoch, in the child run: ``train_loss``, ``val_loss``, ``val_*`` metrics (step = epoch),
+  ``confusion/epoch-NNN.{png,json}``, and a pyfunc model registered as a new version of
+  ``mycelium-cX`` with tags (epoch, run, attempt, metrics, collapsed, data fingerprint);
+* alias ``champion`` on the best non-collapsed version, moved only when it beats the current
+  champion on the same validation data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger("mycelium.tracking")
+
+CHAMPION = "champion"
+# Names that must never reach params, tags or artifacts, whatever a user passes.
+_SECRET_HINTS = ("secret", "password", "token", "access_key", "credential")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or artifact store is unusable; the message says what to check."""
+
+
+def scrub(params: dict[str, str]) -> dict[str, str]:
+    """Drop anything that looks like a credential before it is logged."""
+    return {k: v for k, v in params.items() if not any(h in k.lower() for h in _SECRET_HINTS)}
+
+
+def preflight(timeout: float = 10.0) -> str:
+    """Fail before training when the tracking server does not answer; returns the tracking URI."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except Exception as e:  # noqa: BLE001 - any failure means the same advice
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} does not answer ({e}). Start the embedded one with "
+                "`mycelium stack up` and `eval \"$(mycelium stack env)\"`, or set MLFLOW_TRACKING_URI to your team's server."
+            ) from None
+    return uri
+
+
+def ui_url(run: mlflow.entities.Run | None = None) -> str:
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    if run is None or not uri.startswith("http"):
+        return uri
+    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def log_json(obj, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=False), artifact_file)
+
+
+def find_resumable(experiment: str, task: str, fingerprint: str) -> mlflow.entities.Run | None:
+    """The newest parent run of this task and data that did not finish (killed, failed, or still marked running)."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = MlflowClient().search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mycelium_role = 'parent' and tags.task = '{task}' and tags.data_fingerprint = '{fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    for run in runs:
+        if run.data.tags.get("mycelium_state") != "done":
+            return run
+    return None
+
+
+def child_runs(parent_run_id: str, experiment_id: str) -> list[mlflow.entities.Run]:
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100
+    )
+    return sorted(runs, key=lambda r: int(r.data.tags.get("attempt_index", "0")))
+
+
+def existing_version(model_name: str, run_id: str, epoch: int):
+    """The version already registered for (run, epoch), so a resumed run never registers twice."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get("epoch") == str(epoch):
+            return v
+    return None
+
+
+def with_retries(what: str, fn, attempts: int = 3, wait: float = 2.0):
+    """Run an upload; retry on failure, then raise with the last error."""
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - network and server errors alike are retried
+            last = e
+            log.warning("%s failed (try %d of %d): %s", what, i + 1, attempts, e)
+            time.sleep(wait * (i + 1))
+    raise TrackingError(f"{what} failed after {attempts} tries: {last}") from last
+
+
+def tag_version(model_name: str, version: str, tags: dict[str, object]) -> None:
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, version, k, str(v))
+
+
+@dataclass
+class Candidate:
+    """The version a run would promote, with the numbers that decide."""
+
+    version: str
+    metric_name: str
+    metric: float
+    fingerprint: str
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    reason: str
+    previous_version: str | None
+    previous_metric: float | None
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            "champion_decision": "promoted" if self.promoted else "kept",
+            "champion_reason": self.reason,
+            "champion_previous_version": str(self.previous_version),
+            "champion_previous_metric": "" if self.previous_metric is None else f"{self.previous_metric:.6f}",
+        }
+
+
+def current_champion(model_name: str):
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def decide_promotion(model_name: str, candidate: Candidate | None, rescore_champion=None) -> Decision:
+    """Move ``champion`` only to a better version on the same validation data.
+
+    ``rescore_champion(version) -> float | None`` evaluates the current champion on this run's
+    validation data when it was measured on other data (a different fingerprint); None means it
+    could not be scored, and then the alias stays where it is.
+    """
+    if candidate is None:
+        return Decision(False, "every epoch of every attempt collapsed: nothing to promote", None, None)
+    champ = current_champion(model_name)
+    if champ is None:
+        decision = Decision(True, "no champion yet", None, None)
+    else:
+        prev_metric: float | None
+        if champ.tags.get("data_fingerprint") == candidate.fingerprint and candidate.metric_name in champ.tags:
+            prev_metric = float(champ.tags[candidate.metric_name])
+            where = "same data fingerprint"
+        else:
+            prev_metric = rescore_champion(champ) if rescore_champion else None
+            where = "champion re-scored on this run's validation data"
+        if prev_metric is None:
+            return Decision(False, f"champion v{champ.version} could not be compared on this data; alias kept", champ.version, None)
+        if candidate.metric > prev_metric:
+            decision = Decision(
+                True, f"{candidate.metric_name} {candidate.metric:.4f} > {prev_metric:.4f} of v{champ.version} ({where})",
+                champ.version, prev_metric,
+            )
+        else:
+            return Decision(
+                False, f"{candidate.metric_name} {candidate.metric:.4f} <= {prev_metric:.4f} of v{champ.version} ({where})",
+                champ.version, prev_metric,
+            )
+    MlflowClient().set_registered_model_alias(model_name, CHAMPION, candidate.version)
+    return decision
+
+
+def ensure_registered_model(name: str, description: str) -> None:
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException:
+            pass  # created concurrently
+
+
+def system_tags() -> dict[str, str]:
+    """Provenance worth a tag, without anything secret from the environment."""
+    return {
+        "mycelium_version": __import__("mycelium").__version__,
+        "host_gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }

@@ -1,0 +1,557 @@
+"""The training core shared by C4, C5 and C6.
+
+``run(cfg)`` loads and splits the data, opens a parent MLflow run, trains the first attempt (the
+seed's recipe), climbs the task's fallback ladder when that attempt is weak or collapsed, and
+promotes the best epoch to ``champion``. ``train_attempt`` is the training loop itself.
+
+Frozen computation runs once: a frozen attempt trains the head on cached pooled features; a
+partially unfrozen attempt caches the hidden states entering its first trainable block and runs
+only the trainable blocks each epoch (``mycelium.features``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import features, plots, tracking
+from .checkpoint import save_checkpoint
+from .config import TrainConfig
+from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
+from .data.split import Split, split_records
+from .losses import class_weights, make_loss
+from .metrics import EpochReport, evaluate_predictions
+from .model import (BackboneInfo, Classifier, apply_freezing, count_trainable, final_norm, load_backbone, param_groups,
+                    transformer_blocks)
+from .resume import ResumeState
+from .serving import log_checkpoint
+from .text import join_inputs, length_buckets, pad_batch, tokenize
+
+log = logging.getLogger("mycelium.train")
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """``auto``: bf16 where the GPU supports it, fp16 (with a grad scaler) on older GPUs, fp32 on CPU."""
+    if cfg.precision == "auto":
+        if device.type != "cuda":
+            return "fp32", None
+        return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+    if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ValueError(f"parameter precision={cfg.precision} needs a CUDA GPU; use -P precision=auto or fp32 on {device}")
+    return cfg.precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+# ----------------------------------------------------------------------------- attempts
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One training recipe; fallbacks are attempts that change one thing."""
+
+    index: int
+    name: str
+    unfrozen_layers: int
+    class_weights: str
+    loss: str
+    changed: str  # what differs from the previous attempt, for the run name and tags
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    report: EpochReport
+    train_loss: float
+    val_loss: float
+    version: str | None
+    probs: np.ndarray = field(repr=False)
+
+
+@dataclass
+class AttemptResult:
+    attempt: Attempt
+    run_id: str
+    epochs: list[EpochResult]
+
+    def best(self, metric: str) -> EpochResult | None:
+        healthy = [e for e in self.epochs if not e.report.collapsed]
+        return max(healthy, key=lambda e: (e.report.metrics[metric], -e.epoch)) if healthy else None
+
+
+@dataclass
+class Prepared:
+    """Data and backbone, loaded once per training and shared by every attempt."""
+
+    data: LoadedData
+    split: Split
+    labels: list[str]
+    y_train: torch.Tensor
+    y_val: torch.Tensor
+    train_ids: list[list[int]]
+    val_ids: list[list[int]]
+    val_rows: list[tuple[str, ...]]
+    model: Classifier
+    tokenizer: object
+    info: BackboneInfo
+    pristine: dict[str, torch.Tensor]  # backbone weights of blocks an attempt may train, to reset between attempts
+    device: torch.device
+    precision: str
+    amp_dtype: torch.dtype | None
+    cache: features.FeatureCache | None
+    cached: dict[tuple, object] = field(default_factory=dict)
+
+
+def _selection_metric(cfg: TrainConfig) -> str:
+    return "minority_f1" if cfg.spec.selection_metric == "minority_f1" else "macro_f1"
+
+
+def next_attempt(step: str, results: list[AttemptResult], cfg: TrainConfig, n_blocks: int) -> Attempt | None:
+    """The fallback ladder: which attempt (if any) a step adds after the results so far."""
+    metric = _selection_metric(cfg)
+    last = results[-1].attempt
+    best = [r.best(metric) for r in results]
+    best_value = max((b.report.metrics[metric] for b in best if b), default=0.0)
+    collapsed = results[-1].best(metric) is None
+    idx = last.index + 1
+    if step == "unfreeze":
+        if last.unfrozen_layers > 0 or (best_value >= cfg.fallback_threshold and not cfg.force_fallbacks):
+            return None
+        k = min(4, n_blocks)
+        return Attempt(idx, f"unfreeze{k}", k, last.class_weights, last.loss, f"last {k} blocks unfrozen (lr {cfg.lr_backbone:g})")
+    if step == "sqrt_inv":
+        if not (collapsed or cfg.force_fallbacks):
+            return None
+        return Attempt(idx, "sqrt_inv", last.unfrozen_layers, "sqrt_inv", last.loss, "sqrt(inverse frequency) class weights")
+    if step == "focal":
+        if not (collapsed or cfg.force_fallbacks):
+            return None
+        return Attempt(idx, f"focal{cfg.focal_gamma:g}", last.unfrozen_layers, last.class_weights, "focal", f"focal loss (gamma {cfg.focal_gamma:g})")
+    raise ValueError(step)
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    spec = cfg.spec
+    data = load_task_data(cfg.data, spec, field_map=cfg.field_map or None, label_names=cfg.label_names or None, on_error=cfg.on_error)
+    split = split_records(data.records, data.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    for w in split.warnings:
+        log.warning(w)
+    labels = list(data.labels)
+    index = {name: i for i, name in enumerate(labels)}
+
+    device = resolve_device(cfg)
+    precision, amp_dtype = resolve_precision(cfg, device)
+    backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None)
+    torch.manual_seed(cfg.seed)
+    model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
+
+    # Tokenize once; every attempt and epoch reuses the ids.
+    train_texts = [join_inputs(r.inputs, spec.separator) for r in split.train]
+    val_texts = [join_inputs(r.inputs, spec.separator) for r in split.val]
+    train_ids = tokenize(tokenizer, train_texts, cfg.max_length)
+    val_ids = tokenize(tokenizer, val_texts, cfg.max_length)
+
+    n_blocks = len(transformer_blocks(model.backbone))
+    trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, 4 if "unfreeze" in cfg.fallback_steps() else 0)))
+    pristine = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable_names}
+    return Prepared(
+        data=data, split=split, labels=labels,
+        y_train=torch.tensor([index[r.label] for r in split.train]),
+        y_val=torch.tensor([index[r.label] for r in split.val]),
+        train_ids=train_ids, val_ids=val_ids, val_rows=[r.inputs for r in split.val],
+        model=model, tokenizer=tokenizer, info=info, pristine=pristine,
+        device=device, precision=precision, amp_dtype=amp_dtype,
+        cache=features.FeatureCache() if cfg.cache else None,
+    )
+
+
+def _names_of_last_blocks(model: Classifier, n: int) -> set[str]:
+    """Parameter names of the last ``n`` blocks and the final norm: what an unfreezing attempt may change."""
+    if n == 0:
+        return set()
+    names = {id(p): name for name, p in model.named_parameters()}
+    blocks = transformer_blocks(model.backbone)
+    modules = list(blocks[len(blocks) - n :])
+    norm = final_norm(model.backbone)
+    if norm is not None:
+        modules.append(norm)
+    return {names[id(p)] for m in modules for p in m.parameters()}
+
+
+# ----------------------------------------------------------------------------- batch sources
+
+
+class Source:
+    """What one epoch iterates over: cached pooled features, cached prefix states, or token ids."""
+
+    def __init__(self, prep: Prepared, cfg: TrainConfig, attempt: Attempt):
+        self.prep, self.cfg = prep, cfg
+        model = prep.model
+        n_blocks = len(transformer_blocks(model.backbone))
+        self.first_trainable = n_blocks - attempt.unfrozen_layers
+        pad_id = prep.tokenizer.pad_token_id
+        side = prep.tokenizer.padding_side
+        self.pad_id, self.side = pad_id, side
+        self.mode = "tokens"
+        if cfg.cache:
+            key_parts = dict(
+                backbone=prep.info.name, revision=prep.info.revision, max_length=cfg.max_length, pooling=model.pooling,
+                separator=cfg.spec.separator, fingerprint=prep.data.fingerprint, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                precision=prep.precision,
+            )
+            if attempt.unfrozen_layers == 0:
+                self.mode = "pooled"
+                self.train_x = self._cached(("pooled", "train"), key_parts, lambda: features.compute_pooled(
+                    model, prep.train_ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                self.val_x = self._cached(("pooled", "val"), key_parts, lambda: features.compute_pooled(
+                    model, prep.val_ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+            else:
+                total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
+                need = features.prefix_bytes(total, model.hidden_size, torch.float32)
+                if features.fits(need, cfg.cache_memory_gb):
+                    self.mode = "prefix"
+                    k = self.first_trainable
+                    self.train_x = self._cached(("prefix", "train", k), key_parts, lambda: features.compute_prefix(
+                        model, prep.train_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                    self.val_x = self._cached(("prefix", "val", k), key_parts, lambda: features.compute_prefix(
+                        model, prep.val_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                else:
+                    log.warning("prefix cache would need %.1f GB > cache_memory_gb=%.1f: running the full forward every epoch",
+                                need / 1e9, cfg.cache_memory_gb)
+        log.info("attempt %s: batches from %s", attempt.name, self.mode)
+
+    def _cached(self, name: tuple, key_parts: dict, compute):
+        if name in self.prep.cached:
+            return self.prep.cached[name]
+        value = features.cached_compute(self.prep.cache, name, key_parts, compute)
+        self.prep.cached[name] = value
+        return value
+
+    def lengths(self, split: str) -> list[int]:
+        ids = self.prep.train_ids if split == "train" else self.prep.val_ids
+        return [len(s) for s in ids]
+
+    def batches(self, split: str, generator: torch.Generator | None) -> list[list[int]]:
+        n = len(self.prep.train_ids if split == "train" else self.prep.val_ids)
+        if self.mode == "pooled":  # features are fixed-size: plain (shuffled) minibatches
+            order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+            size = self.cfg.batch_size if generator is not None else 4096
+            return [order[i : i + size] for i in range(0, n, size)]
+        return length_buckets(self.lengths(split), self.cfg.token_budget, self.cfg.batch_size, generator)
+
+    def logits(self, split: str, idx: list[int]) -> torch.Tensor:
+        prep, model = self.prep, self.prep.model
+        if self.mode == "pooled":
+            x = (self.train_x if split == "train" else self.val_x)[idx].to(prep.device)
+            return model.classify(x)
+        if self.mode == "prefix":
+            hidden, mask = (self.train_x if split == "train" else self.val_x).batch(idx, self.side, prep.device)
+            return model.classify(features.suffix_encode(model, hidden, mask, self.first_trainable))
+        ids = prep.train_ids if split == "train" else prep.val_ids
+        input_ids, mask = pad_batch([ids[i] for i in idx], self.pad_id, self.side)
+        return model(input_ids.to(prep.device), mask.to(prep.device))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def evaluate(source: Source, loss_fn, prep: Prepared) -> tuple[np.ndarray, float]:
+    """Class probabilities for the validation split (original order) and the validation loss."""
+    model = prep.model
+    model.eval()
+    probs = torch.empty(len(prep.val_ids), len(prep.labels))
+    total, n = 0.0, 0
+    with torch.inference_mode(), torch.autocast(prep.device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
+        for idx in source.batches("val", None):
+            logits = source.logits("val", idx).float()
+            y = prep.y_val[idx].to(prep.device)
+            total += loss_fn(logits, y).item() * len(idx)
+            n += len(idx)
+            probs[idx] = torch.softmax(logits, dim=-1).cpu()
+    return probs.numpy(), total / max(n, 1)
+
+
+def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: str, parent_run_id: str,
+                  resume: ResumeState | None) -> AttemptResult:
+    model, device = prep.model, prep.device
+    # Every attempt starts from the pretrained backbone and a fresh head.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in prep.pristine:
+                p.copy_(prep.pristine[name])
+    torch.manual_seed(cfg.seed + attempt.index)
+    model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    apply_freezing(model.backbone, attempt.unfrozen_layers)
+    source = Source(prep, cfg, attempt)
+
+    weights = class_weights(prep.y_train.tolist(), len(prep.labels), attempt.class_weights, clip=cfg.weight_clip,
+                            explicit=[float(w) for w in cfg.explicit_weights.split(",")] if cfg.explicit_weights else None,
+                            label_names=prep.labels)
+    loss_fn = make_loss(attempt.loss, torch.tensor(weights, dtype=torch.float32, device=device), cfg.focal_gamma)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr_head, cfg.lr_backbone, cfg.weight_decay))
+    scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
+    counts = count_trainable(model)
+    mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
+                       "loss": attempt.loss, "focal_gamma": cfg.focal_gamma if attempt.loss == "focal" else "",
+                       "batches_from": source.mode, "trainable_params": counts["total"], "trainable_backbone_params": counts["backbone"],
+                       **{f"weight_{label}": f"{w:.4f}" for label, w in zip(prep.labels, weights)}})
+
+    result = AttemptResult(attempt, run_id, [])
+    start_epoch = 1
+    if resume is not None:
+        start_epoch = resume.restore(model, optimizer, scaler) + 1
+        result.epochs = resume.epoch_results()
+        log.info("resuming attempt %s at epoch %d", attempt.name, start_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 * attempt.index)
+    for _ in range(1, start_epoch):  # keep the shuffling sequence identical to an uninterrupted run
+        source.batches("train", generator)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        total, n = 0.0, 0
+        batches = source.batches("train", generator)
+        for idx in tqdm(batches, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}", leave=False, unit="batch"):
+            y = prep.y_train[idx].to(device)
+            with torch.autocast(device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
+                logits = source.logits("train", idx)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        train_loss = total / max(n, 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"attempt {attempt.name} epoch {epoch}: training loss is {train_loss}; lower -P lr_head / lr_backbone")
+
+        probs, val_loss = evaluate(source, loss_fn, prep)
+        report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
+        epoch_result = EpochResult(epoch, report, train_loss, val_loss, None, probs)
+        epoch_result.version = log_epoch(prep, cfg, attempt, epoch_result, run_id, parent_run_id)
+        result.epochs.append(epoch_result)
+        ResumeState.save(cfg, parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
+        log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s", attempt.name, epoch, train_loss, val_loss,
+                 _selection_metric(cfg), report.metrics[_selection_metric(cfg)], " COLLAPSED" if report.collapsed else "")
+    return result
+
+
+def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str, parent_run_id: str) -> str:
+    """Metrics, confusion matrix and the registered checkpoint of one epoch; returns the version."""
+    report = ep.report
+    mlflow.log_metrics({"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_")}, step=ep.epoch)
+    stem = f"confusion/epoch-{ep.epoch:03d}"
+    tracking.log_json({"labels": report.labels, "matrix": report.confusion, "epoch": ep.epoch, "collapsed": report.collapsed,
+                       "never_predicted": report.never_predicted, "zero_recall": report.zero_recall}, f"{stem}.json")
+    mlflow.log_figure(plots.confusion_matrix_figure(report.confusion, report.labels,
+                                                    title=f"{cfg.task} {attempt.name} epoch {ep.epoch}"), f"{stem}.png")
+    mlflow.set_tag("collapsed", str(report.collapsed).lower())
+    mlflow.set_tag("last_completed_epoch", str(ep.epoch))
+
+    metric = _selection_metric(cfg)
+    existing = tracking.existing_version(cfg.registered_model, run_id, ep.epoch)
+    if existing is not None:  # a resumed run that died after registering this epoch
+        return existing.version
+    manifest = {
+        "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
+        "separator": cfg.spec.separator, "max_length": cfg.max_length,
+        "backbone": {"name": prep.info.name, "revision": prep.info.revision, "architecture": prep.info.architecture,
+                     "pooling": prep.model.pooling, "hidden_size": prep.info.hidden_size},
+        "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout},
+        "epoch": ep.epoch, "attempt": attempt.name, "metrics": report.metrics, "data_fingerprint": prep.data.fingerprint,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix=f"mycelium-{cfg.task}-ckpt-"))
+    ckpt = save_checkpoint(prep.model, workdir / "checkpoint", manifest)
+    try:
+        info = tracking.with_retries(
+            f"upload of the epoch {ep.epoch} checkpoint",
+            lambda: log_checkpoint(ckpt, name=f"{attempt.name}-epoch-{ep.epoch}", registered_model_name=cfg.registered_model),
+        )
+    except tracking.TrackingError as e:
+        raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt}") from e
+    version = str(info.registered_model_version)
+    tracking.tag_version(cfg.registered_model, version, {
+        "task": cfg.task, "epoch": ep.epoch, "run_id": run_id, "parent_run_id": parent_run_id, "attempt": attempt.name,
+        "collapsed": str(report.collapsed).lower(), "data_fingerprint": prep.data.fingerprint, "selection_metric": metric,
+        metric: f"{report.metrics[metric]:.6f}", "macro_f1": f"{report.metrics['macro_f1']:.6f}",
+        "accuracy": f"{report.metrics['accuracy']:.6f}", "backbone": prep.info.name,
+    })
+    shutil.rmtree(workdir, ignore_errors=True)  # uploaded and registered: the local copy has done its job
+    return version
+
+
+# ----------------------------------------------------------------------------- the whole training
+
+
+@dataclass
+class RunResult:
+    parent_run_id: str
+    attempts: list[AttemptResult]
+    winner: tuple[AttemptResult, EpochResult] | None
+    decision: tracking.Decision
+    labels: list[str]
+    ui: str
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    cfg.validate()
+    tracking.preflight()
+    prep = prepare(cfg)
+    metric = _selection_metric(cfg)
+    mlflow.set_experiment(cfg.experiment)
+    tracking.ensure_registered_model(cfg.registered_model, cfg.spec.description)
+
+    resumed = tracking.find_resumable(cfg.experiment, cfg.task, prep.data.fingerprint) if cfg.resume else None
+    if cfg.resume and resumed is None:
+        log.warning("resume=true but no unfinished run of %s on this data: starting a new run", cfg.task)
+    parent_id = resumed.info.run_id if resumed else None
+    # `mlflow run` opens a run (MLFLOW_RUN_ID) in the experiment named on its command line. It becomes
+    # the parent when it is in this task's experiment; otherwise the parent goes to the task's
+    # experiment (one experiment per task) and the launcher run gets a link to it.
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher and parent_id is None:
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is not None and MlflowClient().get_run(launcher).info.experiment_id == exp.experiment_id:
+            parent_id, launcher = launcher, None
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent:
+        pid = parent.info.run_id
+        if resumed is None:
+            _log_parent_start(prep, cfg)
+        done = {int(r.data.tags["attempt_index"]): r for r in tracking.child_runs(pid, parent.info.experiment_id)} if resumed else {}
+
+        n_blocks = len(transformer_blocks(prep.model.backbone))
+        attempt = Attempt(1, _first_name(cfg), cfg.unfrozen_layers, cfg.class_weights, cfg.loss, "seed recipe")
+        results: list[AttemptResult] = []
+        steps = list(cfg.fallback_steps())
+        while attempt is not None:
+            results.append(_run_child(prep, cfg, attempt, pid, done.get(attempt.index)))
+            attempt = None
+            while steps and attempt is None:
+                attempt = next_attempt(steps.pop(0), results, cfg, n_blocks)
+
+        winner = _winner(results, metric)
+        candidate = tracking.Candidate(winner[1].version, metric, winner[1].report.metrics[metric], prep.data.fingerprint) if winner else None
+        decision = tracking.decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg))
+        _log_parent_end(prep, cfg, results, winner, decision)
+        mlflow.set_tag("mycelium_state", "done")
+        ui = tracking.ui_url(mlflow.get_run(pid))
+    if launcher:
+        MlflowClient().set_tag(launcher, "mycelium_training_run", ui)
+        log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
+                 cfg.experiment, ui, cfg.experiment)
+    ResumeState.clear(cfg, pid)
+    return RunResult(pid, results, winner, decision, prep.labels, ui)
+
+
+def _first_name(cfg: TrainConfig) -> str:
+    frozen = "frozen" if cfg.unfrozen_layers == 0 else f"unfreeze{cfg.unfrozen_layers}"
+    return f"{frozen}-{cfg.class_weights}-{cfg.loss}"
+
+
+def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: str, previous) -> AttemptResult:
+    resume = None
+    if previous is not None:
+        if previous.data.tags.get("mycelium_state") == "done":
+            return ResumeState.finished_attempt(previous, attempt, prep)
+        resume = ResumeState.load(cfg, parent_id, attempt)
+    run_name = f"{attempt.index}-{attempt.name}"
+    with mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else run_name, nested=True) as child:
+        if previous is None:
+            mlflow.set_tags({"attempt_index": attempt.index, "attempt": attempt.name, "changed": attempt.changed,
+                             "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights, "loss": attempt.loss,
+                             "task": cfg.task, "data_fingerprint": prep.data.fingerprint, "mycelium_role": "attempt"})
+        result = train_attempt(prep, cfg, attempt, child.info.run_id, parent_id, resume)
+        best = result.best(_selection_metric(cfg))
+        mlflow.set_tags({"best_epoch": best.epoch if best else "none", "mycelium_state": "done",
+                         "attempt_collapsed": str(best is None).lower()})
+    return result
+
+
+def _winner(results: list[AttemptResult], metric: str) -> tuple[AttemptResult, EpochResult] | None:
+    best = [(r, r.best(metric)) for r in results]
+    best = [(r, e) for r, e in best if e is not None]
+    return max(best, key=lambda re: re[1].report.metrics[metric]) if best else None
+
+
+def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None:
+    """The current champion's selection metric on this run's validation data (it was trained on other data)."""
+    from .checkpoint import load_checkpoint, predict_proba
+
+    try:
+        path = mlflow.artifacts.download_artifacts(f"models:/{cfg.registered_model}/{champion_version.version}")
+        model, tokenizer, manifest = load_checkpoint(Path(path) / "artifacts" / "checkpoint", device=prep.device)
+        if list(manifest["labels"]) != prep.labels:
+            log.warning("champion v%s has labels %s, this data %s: not comparable", champion_version.version, manifest["labels"], prep.labels)
+            return None
+        probs = predict_proba(model, tokenizer, manifest, prep.val_rows, device=prep.device)
+    except Exception as e:  # noqa: BLE001 - an unloadable champion is kept, with the reason logged
+        log.warning("could not re-score champion v%s on this data: %s", champion_version.version, e)
+        return None
+    report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
+    return None if report.collapsed else report.metrics[_selection_metric(cfg)]
+
+
+def _log_parent_start(prep: Prepared, cfg: TrainConfig) -> None:
+    mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
+                     "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
+    params = cfg.params()
+    params.update({"precision_resolved": prep.precision, "device": str(prep.device), "backbone_revision": prep.info.revision,
+                   "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
+                   "selection_metric": _selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
+                   **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
+    mlflow.log_params(tracking.scrub({k: str(v)[:6000] for k, v in params.items()}))
+    # Class distribution before training: metrics, a JSON and a bar chart.
+    counts = {s: dict(c) for s, c in prep.split.counts.items() if sum(c.values())}
+    for split_name, per_label in counts.items():
+        total = sum(per_label.values())
+        mlflow.log_metrics({f"{split_name}_count_{k}": float(v) for k, v in per_label.items()})
+        mlflow.log_metrics({f"{split_name}_share_{k}": v / total for k, v in per_label.items()})
+    tracking.log_json({"counts": counts, "warnings": prep.split.warnings}, "data/class_distribution.json")
+    mlflow.log_figure(plots.class_distribution_figure(counts, title=f"{cfg.task} class distribution"), "data/class_distribution.png")
+    if prep.data.rejects:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "rejected_records.jsonl"
+            write_rejects_jsonl(prep.data.rejects, path)
+            mlflow.log_artifact(str(path), "data")
+        mlflow.log_metric("data_skipped", float(prep.data.n_skipped))
+
+
+def _log_parent_end(prep, cfg, results, winner, decision) -> None:
+    metric = _selection_metric(cfg)
+    attempts = {}
+    for r in results:
+        best = r.best(metric) or max(r.epochs, key=lambda e: e.report.metrics[metric])
+        attempts[f"{r.attempt.index}-{r.attempt.name}"] = best.report
+    mlflow.log_figure(plots.attempts_figure(attempts, prep.labels), "attempts_comparison.png")
+    tags = decision.as_tags()
+    if winner:
+        r, e = winner
+        tags.update({"winner_attempt": f"{r.attempt.index}-{r.attempt.name}", "winner_run_id": r.run_id,
+                     "winner_epoch": str(e.epoch), "winner_version": str(e.version)})
+        mlflow.log_metrics({f"best_{metric}": e.report.metrics[metric], "best_macro_f1": e.report.metrics["macro_f1"]})
+        tracking.tag_version(cfg.registered_model, e.version, tags)
+    else:
+        tags["winner_attempt"] = "none (all collapsed)"
+    mlflow.set_tags(tags)
+    mlflow.log_metric("attempts", float(len(results)))

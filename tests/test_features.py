@@ -1,0 +1,272 @@
+"""Feature caching: pooled features and prefix states reproduce the full forward; gradients flow
+through the trainable blocks only; the on-disk cache round-trips and its key covers every part.
+
+Offline: a tiny random Qwen2 and BERT are written to temp folders, MiniLM comes from its package.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mycelium.features import (
+    FeatureCache,
+    PrefixStates,
+    compute_pooled,
+    compute_prefix,
+    default_cache_root,
+    fits,
+    prefix_bytes,
+    suffix_encode,
+    supports_suffix,
+    verify_suffix,
+)
+from mycelium.model import Classifier, apply_freezing, load_backbone, transformer_blocks
+from mycelium.text import pad_batch, tokenize
+from mycelium.tiny_models import make_tiny_bert, make_tiny_qwen2
+
+_WORDS = (
+    "Natalia sold 48/2 = 24 clips in May. She sold 48 + 24 = 72 clips altogether in April and May. "
+    "Weng earns 12 an hour for babysitting; yesterday she did 50 minutes, so 12/60 = 0.2 per minute "
+    "and 0.2 * 50 = 10 dollars. Betty has half of the 100 dollars she needs for a new wallet."
+).split()
+# Lengths from 1 word to the whole passage, in a scrambled order, so batches need real padding.
+TEXTS = [" ".join(_WORDS[(7 * i) % 11 : (7 * i) % 11 + 1 + (13 * i) % len(_WORDS)]) for i in range(18)]
+
+
+def _build(path, pad_side=None):
+    backbone, tok, info = load_backbone(str(path))
+    model = Classifier(backbone, n_classes=3, dropout=0.0)
+    model.eval()
+    ids = tokenize(tok, TEXTS, max_length=128)
+    return model, tok, info, ids
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    torch.manual_seed(0)
+    return _build(make_tiny_qwen2(tmp_path_factory.mktemp("qwen"), num_layers=4))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    torch.manual_seed(0)
+    return _build(make_tiny_bert(tmp_path_factory.mktemp("bert"), num_layers=3))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.manual_seed(0)
+    return _build("minilm")
+
+
+def _reference(model, ids, pad_id):
+    """model.encode on each input alone: no padding at all."""
+    with torch.no_grad():
+        return torch.cat([model.encode(*pad_batch([s], pad_id)) for s in ids]).float()
+
+
+def _full(model, ids, pad_id, side):
+    with torch.no_grad():
+        return model.encode(*pad_batch(ids, pad_id, side)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) pooled features
+
+
+@pytest.mark.parametrize("which,side", [("minilm", "right"), ("qwen", "left"), ("qwen", "right")])
+def test_compute_pooled_matches_encode(which, side, request):
+    model, tok, _, ids = request.getfixturevalue(which)
+    assert len({len(s) for s in ids}) > 5
+    # A small budget forces several length buckets; the result must come back in input order.
+    feats = compute_pooled(model, ids, pad_id=tok.pad_token_id, pad_side=side, token_budget=96, progress=False)
+    assert feats.shape == (len(ids), model.hidden_size) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats, _reference(model, ids, tok.pad_token_id), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, _full(model, ids, tok.pad_token_id, side), atol=1e-5, rtol=1e-5)
+    # An ordinary tensor (not an inference tensor): a head can train on it.
+    assert not feats.is_inference()
+    model.classify(feats).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_compute_pooled_keeps_modes_and_rejects_empty(qwen):
+    model, tok, _, ids = qwen
+    apply_freezing(model.backbone, 2)
+    try:
+        model.train()
+        trainable_block = transformer_blocks(model.backbone)[-1]
+        assert trainable_block.training and model.head.training
+        compute_pooled(model, ids[:3], pad_id=tok.pad_token_id, progress=False)
+        assert trainable_block.training and model.head.training
+    finally:
+        model.backbone.requires_grad_(False)
+        model.eval()
+    with pytest.raises(ValueError, match="no tokens"):
+        compute_pooled(model, [ids[0], []], pad_id=tok.pad_token_id, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) prefix + suffix == full forward
+
+
+@pytest.mark.parametrize("first_trainable", [0, 2, 4])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_suffix_matches_encode_qwen2(qwen, side, first_trainable):
+    model, tok, info, ids = qwen
+    assert info.num_blocks == 4 and supports_suffix(model)
+    # The prefix is computed with the other padding side and other batches than the suffix sees.
+    other = "right" if side == "left" else "left"
+    states = compute_prefix(
+        model, ids, first_trainable, pad_id=tok.pad_token_id, pad_side=other, token_budget=80, progress=False
+    )
+    assert states.total_tokens == sum(len(s) for s in ids) and len(states) == len(ids)
+    assert states.hidden.dtype == torch.float32 and not states.hidden.is_inference()
+    hidden, mask = states.batch(list(range(len(ids))), side)
+    _, ref_mask = pad_batch(ids, tok.pad_token_id, side)
+    assert torch.equal(mask, ref_mask)
+    with torch.no_grad():
+        got = suffix_encode(model, hidden, mask, first_trainable)
+    torch.testing.assert_close(got, _full(model, ids, tok.pad_token_id, side), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, _reference(model, ids, tok.pad_token_id), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which,cuts", [("bert", (0, 1, 3)), ("minilm", (0, 4, 6))])
+def test_suffix_matches_encode_bert(which, cuts, request):
+    model, tok, info, ids = request.getfixturevalue(which)
+    assert info.num_blocks == cuts[-1] and supports_suffix(model)
+    ref = _full(model, ids, tok.pad_token_id, "right")
+    for first_trainable in cuts:
+        states = compute_prefix(model, ids, first_trainable, pad_id=tok.pad_token_id, progress=False)
+        order = list(reversed(range(len(ids))))  # any order of rows
+        hidden, mask = states.batch(order, "right")
+        with torch.no_grad():
+            got = suffix_encode(model, hidden, mask, first_trainable)
+        torch.testing.assert_close(got, ref[order], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_half_precision_and_verify(qwen):
+    model, tok, _, ids = qwen
+    states = compute_prefix(model, ids, 2, pad_id=tok.pad_token_id, store_dtype=torch.bfloat16, progress=False)
+    assert states.hidden.dtype == torch.bfloat16
+    assert states.nbytes >= prefix_bytes(states.total_tokens, model.hidden_size, torch.bfloat16)
+    hidden, mask = states.batch([0, 5, 9], "left")
+    with torch.no_grad():
+        got = suffix_encode(model, hidden, mask, 2)
+    ref = _full(model, [ids[i] for i in (0, 5, 9)], tok.pad_token_id, "left")
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert verify_suffix(model, ids[:6], 2, pad_id=tok.pad_token_id, pad_side="left") < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) gradients through the trainable blocks
+
+
+def test_gradients_match_full_forward(qwen):
+    model, tok, info, ids = qwen
+    first_trainable = 2
+    apply_freezing(model.backbone, info.num_blocks - first_trainable)
+    try:
+        model.train()
+        labels = torch.tensor([i % 3 for i in range(len(ids))])
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert any(n.startswith("backbone.") for n in trainable)
+
+        def grads():
+            out = {n: p.grad.clone() for n, p in trainable.items()}
+            model.zero_grad(set_to_none=True)
+            return out
+
+        F.cross_entropy(model(*pad_batch(ids, tok.pad_token_id, "left")), labels).backward()
+        full = grads()
+
+        states = compute_prefix(model, ids, first_trainable, pad_id=tok.pad_token_id, progress=False)
+        hidden, mask = states.batch(list(range(len(ids))), "left")
+        assert not hidden.requires_grad
+        F.cross_entropy(model.classify(suffix_encode(model, hidden, mask, first_trainable)), labels).backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        part = grads()
+        assert full.keys() == part.keys()
+        for name in full:
+            torch.testing.assert_close(part[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+            assert full[name].abs().sum() > 0, name
+    finally:
+        model.backbone.requires_grad_(False)
+        model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) the on-disk cache and the memory budget
+
+
+def test_cache_round_trip(tmp_path, caplog):
+    cache = FeatureCache(tmp_path / "features")
+    key = cache.key(backbone="minilm", revision="sha256:abc", split="train")
+    caplog.set_level(logging.INFO, logger="mycelium.features")
+    assert cache.load(key) is None
+    assert f"feature cache miss {key}" in caplog.text
+
+    states = PrefixStates(
+        hidden=torch.randn(10, 4).to(torch.bfloat16),
+        offsets=torch.tensor([0, 3, 7]),
+        lengths=torch.tensor([3, 4, 3]),
+        first_trainable=20,
+    )
+    tensors = {**states.to_tensors(), "pooled": torch.randn(3, 4)}
+    cache.save(key, tensors, {"n": 3, "dtype": torch.bfloat16, "split": "train"})
+    assert key in cache and [p.name for p in cache.root.iterdir()] == [f"{key}.safetensors"]  # no temp left
+
+    loaded, meta = cache.load(key)
+    assert f"feature cache hit {key}" in caplog.text
+    assert meta == {"n": 3, "dtype": "bfloat16", "split": "train"}
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+    back = PrefixStates.from_tensors(loaded)
+    assert back.first_trainable == 20
+    assert torch.equal(back.batch([1], "right")[0][0], states.hidden[3:7])
+
+    # A damaged entry is a miss, not a crash; get_or_compute rewrites it.
+    cache.path(key).write_bytes(b"not a safetensors file")
+    assert cache.load(key) is None
+    got = cache.get_or_compute(key, lambda: {"x": torch.ones(2)})
+    assert torch.equal(got["x"], torch.ones(2)) and torch.equal(cache.load(key)[0]["x"], torch.ones(2))
+
+
+def test_cache_key_covers_every_part(monkeypatch, tmp_path):
+    parts = dict(
+        backbone="Qwen/Qwen2.5-0.5B-Instruct", revision="7ae557604adf67be50417f59c2c2f167def9a775",
+        max_length=256, pooling="last", separator=" [SEP] ", data="sha256:0123", split="train",
+        kind="prefix", first_trainable=20, dtype=torch.bfloat16,
+    )
+    base = FeatureCache.key(**parts)
+    assert len(base) == 64 and base == FeatureCache.key(**dict(reversed(list(parts.items()))))
+    changed = {
+        "backbone": "minilm", "revision": "other", "max_length": 512, "pooling": "mean", "separator": " | ",
+        "data": "sha256:4567", "split": "val", "kind": "pooled", "first_trainable": 24, "dtype": torch.float32,
+    }
+    keys = {base}
+    for name, value in changed.items():
+        keys.add(FeatureCache.key(**{**parts, name: value}))
+    keys.add(FeatureCache.key(**parts, extra=None))
+    assert len(keys) == len(changed) + 2
+
+    monkeypatch.setenv("MYCELIUM_CACHE", str(tmp_path / "c"))
+    assert default_cache_root() == tmp_path / "c" / "features" and FeatureCache().root == default_cache_root()
+    monkeypatch.delenv("MYCELIUM_CACHE")
+    assert default_cache_root() == Path.home() / ".cache" / "mycelium" / "features"
+
+
+def test_memory_budget():
+    # C6-sized: 68k problems of ~120 tokens, Qwen2.5-0.5B width 896.
+    tokens = 68_000 * 120
+    assert prefix_bytes(tokens, 896, torch.float32) == tokens * 896 * 4
+    assert prefix_bytes(tokens, 896, "bf16") == prefix_bytes(tokens, 896, torch.bfloat16) == tokens * 896 * 2
+    assert fits(prefix_bytes(tokens, 896, "bfloat16"), 16) and not fits(prefix_bytes(tokens, 896, "float32"), 16)
+    assert fits(1 << 30, 1) and not fits((1 << 30) + 1, 1)
+    with pytest.raises(ValueError):
+        prefix_bytes(1, 1, "float7")
