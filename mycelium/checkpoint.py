@@ -52,7 +52,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -78,8 +77,6 @@ from mycelium.model import (
     transformer_blocks,
     weights_hash,
 )
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -261,6 +258,10 @@ def _default_allow_empty(task: str, input_fields: list[str]) -> list[str]:
     return list(spec.allow_empty)
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    return str(names[:n]) + ("..." if len(names) > n else "")
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -348,18 +349,18 @@ def save_checkpoint(model: Classifier, directory: str | Path, manifest: dict) ->
     state = trained_state(model)
     expected = _expected_trained_names(model, m["n_unfrozen"])
     if set(state) != expected:
-        extra = sorted(set(state) - expected)
-        lacking = sorted(expected - set(state))
+        extra, lacking = sorted(set(state) - expected), sorted(expected - set(state))
         raise CheckpointError(
             f"the model's trainable parameters do not match n_unfrozen={m['n_unfrozen']}: "
-            + (f"trainable outside the last {m['n_unfrozen']} blocks/final norm: {extra[:5]}{'...' if len(extra) > 5 else ''}; " if extra else "")
-            + (f"frozen inside them: {lacking[:5]}{'...' if len(lacking) > 5 else ''}" if lacking else "")
+            + (f"trainable outside the last {m['n_unfrozen']} blocks/final norm: {_few(extra)}; " if extra else "")
+            + (f"frozen inside them: {_few(lacking)}" if lacking else "")
         )
 
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in sorted(state.items())}
     tmp = directory / (TENSORS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "mycelium_format_version": str(FORMAT_VERSION), "task": m["task"]})
+    meta = {"format": "pt", "mycelium_format_version": str(FORMAT_VERSION), "task": m["task"]}
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, directory / TENSORS_FILE)
 
     m.setdefault("allow_empty", _default_allow_empty(m["task"], m["input_fields"]))
@@ -411,6 +412,11 @@ def bundle_backbone(directory: str | Path, backbone: str, revision: str | None =
     # Follow symlinks (the HF cache links snapshot files to blobs); skip caches and pickles.
     shutil.copytree(src, dst, symlinks=False, ignore=shutil.ignore_patterns(
         "__pycache__", "*.py", "*.pyc", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", ".git*", "onnx", "openvino"))
+    if not any(dst.glob("*.safetensors")):
+        shutil.rmtree(dst)
+        raise CheckpointError(
+            f"cannot bundle backbone {backbone!r}: it has no *.safetensors weights (pickle formats are not bundled)"
+        )
     return dst
 
 
@@ -503,7 +509,8 @@ def load_checkpoint(
     digest = _file_sha256(tpath)
     if digest != manifest["tensors"]["sha256"]:
         raise CheckpointError(
-            f"{tpath.name} does not match manifest.json: sha256 {digest[:16]}... != {manifest['tensors']['sha256'][:16]}... "
+            f"{tpath.name} does not match manifest.json: sha256 {digest[:16]}... != "
+            f"{manifest['tensors']['sha256'][:16]}... "
             "(the file was changed, truncated or belongs to another checkpoint)"
         )
     tensors = load_file(str(tpath), device="cpu")
@@ -517,8 +524,12 @@ def load_checkpoint(
     bb = manifest["backbone"]
     source, revision, how = _pick_source(directory, manifest, backbone_override)
     base, tokenizer, info = _base_backbone(source, revision, device, dtype)
-    what = f"backbone {source!r} ({how})" if how != "bundled" else f"bundled backbone in {directory.name}/{BUNDLED_BACKBONE_DIR}"
-    for key, have in (("architecture", info.architecture), ("hidden_size", info.hidden_size), ("num_blocks", info.num_blocks)):
+    if how == "bundled":
+        what = f"bundled backbone in {directory.name}/{BUNDLED_BACKBONE_DIR}"
+    else:
+        what = f"backbone {source!r} ({how})"
+    for key in ("architecture", "hidden_size", "num_blocks"):
+        have = getattr(info, key)
         if key in bb and bb[key] != have:
             raise CheckpointError(f"{what} does not fit the checkpoint: {key} {have!r} != {bb[key]!r}")
     if info.revision != bb["revision"]:
@@ -537,7 +548,9 @@ def load_checkpoint(
     if n_unfrozen > info.num_blocks:
         raise CheckpointError(f"n_unfrozen {n_unfrozen} exceeds the backbone's {info.num_blocks} blocks")
     backbone = _private_copy(base, n_unfrozen)
-    model = Classifier(backbone, n_classes=len(manifest["labels"]), pooling=bb["pooling"], dropout=manifest["head"]["dropout"])
+    model = Classifier(
+        backbone, n_classes=len(manifest["labels"]), pooling=bb["pooling"], dropout=manifest["head"]["dropout"]
+    )
     model.head.to(device)
 
     expected = _expected_trained_names(model, n_unfrozen)
@@ -546,8 +559,8 @@ def load_checkpoint(
     if unexpected or missing:
         raise CheckpointError(
             f"{tpath.name} does not fit n_unfrozen={n_unfrozen} on {info.architecture}: "
-            + (f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; " if unexpected else "")
-            + (f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "")
+            + (f"unexpected tensors {_few(unexpected)}; " if unexpected else "")
+            + (f"missing tensors {_few(missing)}" if missing else "")
         )
     target = model.state_dict()
     bad = [
@@ -592,15 +605,20 @@ def predict_proba(
         return np.zeros((0, k), dtype=np.float32)
     for i, row in enumerate(rows):
         if len(row) != n_fields:
-            raise ValueError(f"row {i} has {len(row)} values, expected {n_fields} ({', '.join(manifest['input_fields'])})")
+            fields = ", ".join(manifest["input_fields"])
+            raise ValueError(f"row {i} has {len(row)} values, expected {n_fields} ({fields})")
     texts = [text.join_inputs(row, manifest["separator"]) for row in rows]
     ids = text.tokenize(tokenizer, texts, manifest["max_length"])
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"rows {empty[:10]} tokenize to no tokens")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != device:
-        model.to(device)
+    device = _model_device(model) if device is None else torch.device(device)
+    if device.type != _model_device(model).type:
+        # Moving here would move the backbone weights shared with other loaded models.
+        raise ValueError(
+            f"the model is on {_model_device(model)}, not {device}: load it with load_checkpoint(..., device=...)"
+        )
+    device = _model_device(model)
     pad_id = tokenizer.pad_token_id
     side = getattr(tokenizer, "padding_side", "right") or "right"
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)

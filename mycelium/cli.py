@@ -50,7 +50,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         stats = write_demo_corpus(args.dest, files=args.files, per_file=args.per_file, seed=args.seed)
         for task, st in stats.items():
-            counts = st["class_counts"]
+            counts = st["labels"]
             total = sum(counts.values())
             mix = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
             print(f"{task}: {st['files']} files, {total} records -> {args.dest.rstrip('/')}/{task}/  ({mix})")

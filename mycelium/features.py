@@ -564,3 +564,36 @@ class FeatureCache:
         tensors = compute()
         self.save(key, tensors, meta)
         return tensors
+
+
+def cached_compute(
+    cache: FeatureCache | None,
+    name: Sequence,
+    key_parts: dict,
+    compute: Callable[[], torch.Tensor | PrefixStates],
+) -> torch.Tensor | PrefixStates:
+    """Pooled features or prefix states for ``name`` (e.g. ``("pooled", "train")`` or
+    ``("prefix", "train", 20)``), from ``cache`` when it holds them, else ``compute()``d and saved.
+
+    The key is ``cache.key(**key_parts, entry=name)``; ``cache=None`` just computes.
+    """
+    if cache is None:
+        return compute()
+    key = cache.key(**key_parts, entry=list(name))
+    hit = cache.load(key)
+    if hit is not None:
+        tensors, _ = hit
+        if "hidden" in tensors:
+            return PrefixStates.from_tensors(tensors)
+        if "features" in tensors:
+            return tensors["features"]
+        log.warning("feature cache entry %s holds neither features nor prefix states; recomputing", key)
+    value = compute()
+    if isinstance(value, PrefixStates):
+        meta = {"entry": list(name), "kind": "prefix", "rows": len(value), "tokens": value.total_tokens,
+                "dtype": value.hidden.dtype, "first_trainable": value.first_trainable, **key_parts}
+        cache.save(key, value.to_tensors(), meta)
+    else:
+        meta = {"entry": list(name), "kind": "pooled", "rows": int(value.shape[0]), "dtype": value.dtype, **key_parts}
+        cache.save(key, {"features": value}, meta)
+    return value

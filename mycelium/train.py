@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import features, plots, tracking
-from .checkpoint import save_checkpoint
+from .checkpoint import backbone_manifest, save_checkpoint
 from .config import TrainConfig
 from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
 from .data.split import Split, split_records
@@ -155,8 +155,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
     spec = cfg.spec
     data = load_task_data(cfg.data, spec, field_map=cfg.field_map or None, label_names=cfg.label_names or None, on_error=cfg.on_error)
     split = split_records(data.records, data.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    for w in split.warnings:
-        log.warning(w)
     labels = list(data.labels)
     index = {name: i for i, name in enumerate(labels)}
 
@@ -376,8 +374,7 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     manifest = {
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
         "separator": cfg.spec.separator, "max_length": cfg.max_length,
-        "backbone": {"name": prep.info.name, "revision": prep.info.revision, "architecture": prep.info.architecture,
-                     "pooling": prep.model.pooling, "hidden_size": prep.info.hidden_size},
+        "backbone": backbone_manifest(prep.info),
         "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout},
         "epoch": ep.epoch, "attempt": attempt.name, "metrics": report.metrics, "data_fingerprint": prep.data.fingerprint,
     }
@@ -496,7 +493,7 @@ def _winner(results: list[AttemptResult], metric: str) -> tuple[AttemptResult, E
 
 def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None:
     """The current champion's selection metric on this run's validation data (it was trained on other data)."""
-    from .checkpoint import load_checkpoint, predict_proba
+    from .checkpoint import clear_backbone_cache, load_checkpoint, predict_proba
 
     try:
         path = mlflow.artifacts.download_artifacts(f"models:/{cfg.registered_model}/{champion_version.version}")
@@ -508,6 +505,8 @@ def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None
     except Exception as e:  # noqa: BLE001 - an unloadable champion is kept, with the reason logged
         log.warning("could not re-score champion v%s on this data: %s", champion_version.version, e)
         return None
+    finally:
+        clear_backbone_cache()  # the champion's backbone copy is not needed after scoring
     report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
     return None if report.collapsed else report.metrics[_selection_metric(cfg)]
 

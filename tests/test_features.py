@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mycelium.features import (
     FeatureCache,
     PrefixStates,
+    cached_compute,
     compute_pooled,
     compute_prefix,
     default_cache_root,
@@ -270,3 +271,30 @@ def test_memory_budget():
     assert fits(1 << 30, 1) and not fits((1 << 30) + 1, 1)
     with pytest.raises(ValueError):
         prefix_bytes(1, 1, "float7")
+
+
+def test_cached_compute(qwen, tmp_path, caplog):
+    model, tok, _, ids = qwen
+    cache = FeatureCache(tmp_path)
+    parts = {"backbone": "tiny", "revision": "r1", "fingerprint": "f"}
+    calls = []
+
+    def pooled():
+        calls.append("pooled")
+        return compute_pooled(model, ids, pad_id=tok.pad_token_id, progress=False)
+
+    def prefix():
+        calls.append("prefix")
+        return compute_prefix(model, ids, 2, pad_id=tok.pad_token_id, progress=False)
+
+    caplog.set_level(logging.INFO, logger="mycelium.features")
+    first = cached_compute(cache, ("pooled", "train"), parts, pooled)
+    again = cached_compute(cache, ("pooled", "train"), parts, pooled)
+    assert calls == ["pooled"] and torch.equal(first, again) and "feature cache hit" in caplog.text
+    states = cached_compute(cache, ("prefix", "train", 2), parts, prefix)
+    loaded = cached_compute(cache, ("prefix", "train", 2), parts, prefix)
+    assert calls == ["pooled", "prefix"] and isinstance(loaded, PrefixStates) and loaded.first_trainable == 2
+    assert torch.equal(loaded.hidden, states.hidden) and torch.equal(loaded.offsets, states.offsets)
+    cached_compute(cache, ("pooled", "train"), {**parts, "revision": "r2"}, pooled)
+    assert calls == ["pooled", "prefix", "pooled"]
+    assert cached_compute(None, ("pooled", "val"), parts, lambda: torch.zeros(1)).shape == (1,)

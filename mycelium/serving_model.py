@@ -1,0 +1,49 @@
+"""The MLflow pyfunc model of a mycelium checkpoint, logged as "models from code" (no pickle).
+
+``serving.log_checkpoint`` logs this file as the model's code; MLflow executes it when the model
+is loaded (``mlflow.pyfunc.load_model`` or ``mlflow models serve``), with the logged copy of the
+``mycelium`` package (``code/mycelium``) first on ``sys.path``. ``load_context`` loads the
+checkpoint artifact; ``predict`` takes a DataFrame with the task's input columns and returns
+``label`` plus one ``prob_<LABEL>`` column per class.
+
+Environment variables read when the model loads:
+
+* ``MYCELIUM_DEVICE``: ``cpu``, ``cuda``, ``cuda:1``, ... (default: ``cuda`` when available)
+* ``MYCELIUM_BACKBONE``: load the backbone from this folder / hub id instead of the one the
+  checkpoint names (for checkpoints trained on a local backbone folder that was not bundled)
+* ``MYCELIUM_BATCH_SIZE``: inference batch size (default 64)
+"""
+
+import os
+
+import mlflow
+import pandas as pd
+
+from mycelium.serving import MAX_ROWS, output_frame, validate_input  # noqa: F401  (MAX_ROWS: documented limit)
+
+
+class MyceliumClassifier(mlflow.pyfunc.PythonModel):
+    """Labels and class probabilities for raw task inputs (see ``mycelium.serving``)."""
+
+    def load_context(self, context):
+        import torch
+
+        from mycelium.checkpoint import load_checkpoint
+
+        device = os.environ.get("MYCELIUM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(os.environ.get("MYCELIUM_BATCH_SIZE") or 64)
+        self.model, self.tokenizer, self.manifest = load_checkpoint(
+            context.artifacts["checkpoint"],
+            device=device,
+            backbone_override=os.environ.get("MYCELIUM_BACKBONE") or None,
+        )
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from mycelium.checkpoint import predict_proba
+
+        rows = validate_input(model_input, self.manifest)
+        probs = predict_proba(self.model, self.tokenizer, self.manifest, rows, batch_size=self.batch_size)
+        return output_frame(probs, self.manifest["labels"])
+
+
+mlflow.models.set_model(MyceliumClassifier())
