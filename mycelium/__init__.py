@@ -1,3 +1,23 @@
-"""Mycelium specialist classifiers: training, tracking and serving on a shared core."""
+"""Mycelium specialist classifiers: training, tracking and serving on a shared core.
+
+For services: ``mycelium.load("c6")`` returns the registered champion as a ``TaskModel`` whose
+``predict(records)`` gives one ``Prediction(label, probabilities)`` per record (``mycelium.api``).
+``import mycelium`` stays cheap: the API (and torch) load on first use.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("load", "Prediction", "TaskModel", "InvalidInputError", "ModelLoadError", "ModelNotFoundError")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from mycelium import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mycelium' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -91,11 +91,40 @@ def _add_data(sub) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mycelium.predict import run_predict
+
+    return run_predict(args)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="labels and class probabilities for a JSONL file or stdin, from a registered model",
+        description="Predict with a registered model. Input: JSONL records with the task's input fields "
+        "(c4/c5: step_i, step_j; c6: problem; an 'id' is copied to the output), or plain text lines for c6. "
+        "Output: JSONL {\"id\", \"label\", \"probabilities\"} in input order.",
+    )
+    p.add_argument("--task", required=True, choices=["c4", "c5", "c6"])
+    p.add_argument("--model", default="champion",
+                   help="alias (default champion), version number, or model URI (models:/..., runs:/<run_id>/<name>, folder)")
+    p.add_argument("--registered-model", default=None, help="registered model name (default mycelium-<task>)")
+    p.add_argument("--input", required=True, help="JSONL file (.jsonl or .jsonl.gz), or - for stdin")
+    p.add_argument("--output", default=None, help="JSONL file to write (default stdout)")
+    p.add_argument("--batch-size", type=int, default=64, help="records per forward pass (default 64)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU when there is one)")
+    p.add_argument("--backbone", default=None,
+                   help="load the backbone from this folder / hub id instead of the recorded one (or $MYCELIUM_BACKBONE)")
+    p.add_argument("--quiet", action="store_true", help="no model line and no progress bar on stderr")
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mycelium", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_stack(sub)
     _add_data(sub)
+    _add_predict(sub)
     t = sub.add_parser("train", help="train one task (same parameters as `mlflow run . -e cX -P ...`)", add_help=False)
     t.set_defaults(func=None)
     return parser
@@ -110,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mycelium.data.loading import DataError
     from mycelium.stack import StackError
+    from mycelium.storage import StorageError
 
     try:
         return int(args.func(args) or 0)
-    except (StackError, DataError) as e:
+    except (StackError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

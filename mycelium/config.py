@@ -59,6 +59,7 @@ class TrainConfig:
     cache: bool = True  # feature / prefix cache for frozen computation
     cache_memory_gb: float = 8.0
     resume: bool = False
+    bundle_backbone: bool = False  # copy the backbone into every registered version (air-gapped serving)
     run_name: str = ""
     device: str = "auto"
     spec: TaskSpec | None = field(default=None, repr=False)

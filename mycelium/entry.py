@@ -61,12 +61,13 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
     from .data.loading import DataError
     from .model import BackboneLoadError
     from .stack import StackError
+    from .storage import StorageError
     from .tracking import TrackingError
     from .train import run
 
     try:
         result = run(cfg)
-    except (ConfigError, DataError, BackboneLoadError, TrackingError, StackError, FloatingPointError) as e:
+    except (ConfigError, DataError, BackboneLoadError, TrackingError, StackError, StorageError, FloatingPointError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
     print_summary(result, cfg, console)

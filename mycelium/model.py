@@ -349,6 +349,8 @@ class Classifier(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``[B, H]`` (what a frozen-backbone feature cache stores)."""
         kwargs = {}
+        if getattr(self.backbone.config, "use_cache", False):
+            kwargs["use_cache"] = False  # a classifier never decodes: no key/value cache to build
         if self.decoder:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

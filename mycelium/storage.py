@@ -15,6 +15,26 @@ from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+
+class StorageError(RuntimeError):
+    """S3 is unreachable or refuses us; the message says which endpoint and what to check."""
+
+
+def _explain(uri: str, err: Exception) -> StorageError:
+    endpoint = s3_endpoint() or "AWS S3 (no AWS_ENDPOINT_URL_S3 set)"
+    code = err.response.get("Error", {}).get("Code", "") if isinstance(err, ClientError) else type(err).__name__
+    hint = {
+        "NoSuchBucket": "the bucket does not exist; create it or fix the URI",
+        "AccessDenied": "the credentials may not read it; check AWS_ACCESS_KEY_ID / the AWS profile",
+        "InvalidAccessKeyId": "the access key is unknown to this endpoint; check AWS_ACCESS_KEY_ID",
+        "SignatureDoesNotMatch": "the secret key does not match; check AWS_SECRET_ACCESS_KEY",
+        "NoCredentialsError": "no credentials found; for the embedded stack run eval \"$(mycelium stack env)\"",
+        "EndpointConnectionError": "nothing answers there; start the embedded stack with `mycelium stack up` "
+        "and eval \"$(mycelium stack env)\", or set AWS_ENDPOINT_URL_S3",
+    }.get(code, "check the endpoint, the credentials and the URI")
+    return StorageError(f"cannot read {uri} from {endpoint}: {code or err} — {hint}")
 
 
 @dataclass(frozen=True)
@@ -71,16 +91,19 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     if is_s3(prefix_uri):
         bucket, prefix = split_s3(prefix_uri)
         out: list[ObjectInfo] = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                out.append(
-                    ObjectInfo(
-                        uri=f"s3://{bucket}/{obj['Key']}",
-                        key=obj["Key"][len(prefix):].lstrip("/"),
-                        size=int(obj["Size"]),
-                        etag=obj["ETag"].strip('"'),
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out.append(
+                        ObjectInfo(
+                            uri=f"s3://{bucket}/{obj['Key']}",
+                            key=obj["Key"][len(prefix):].lstrip("/"),
+                            size=int(obj["Size"]),
+                            etag=obj["ETag"].strip('"'),
+                        )
                     )
-                )
+        except (BotoCoreError, ClientError) as e:
+            raise _explain(prefix_uri, e) from None
         return sorted(out, key=lambda o: o.key)
     root = local_path(prefix_uri)
     if root.is_file():

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import features, plots, tracking
-from .checkpoint import backbone_manifest, save_checkpoint
+from .checkpoint import backbone_manifest, bundle_backbone, save_checkpoint
 from .config import TrainConfig
 from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
 from .data.split import Split, split_records
@@ -226,14 +226,20 @@ class Source:
                     model, prep.val_ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
             else:
                 total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
-                need = features.prefix_bytes(total, model.hidden_size, torch.float32)
-                if features.fits(need, cfg.cache_memory_gb):
+                # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
+                store = prep.amp_dtype or torch.float32
+                need = features.prefix_bytes(total, model.hidden_size, store)
+                if not features.supports_suffix(model):
+                    log.warning("no prefix cache for %s: running the full forward every epoch", prep.info.architecture)
+                elif features.fits(need, cfg.cache_memory_gb):
                     self.mode = "prefix"
                     k = self.first_trainable
                     self.train_x = self._cached(("prefix", "train", k), key_parts, lambda: features.compute_prefix(
-                        model, prep.train_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                        model, prep.train_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
+                        autocast_dtype=prep.amp_dtype, store_dtype=store))
                     self.val_x = self._cached(("prefix", "val", k), key_parts, lambda: features.compute_prefix(
-                        model, prep.val_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                        model, prep.val_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
+                        autocast_dtype=prep.amp_dtype, store_dtype=store))
                 else:
                     log.warning("prefix cache would need %.1f GB > cache_memory_gb=%.1f: running the full forward every epoch",
                                 need / 1e9, cfg.cache_memory_gb)
@@ -378,15 +384,19 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
         "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout},
         "epoch": ep.epoch, "attempt": attempt.name, "metrics": report.metrics, "data_fingerprint": prep.data.fingerprint,
     }
-    workdir = Path(tempfile.mkdtemp(prefix=f"mycelium-{cfg.task}-ckpt-"))
+    # Local first: the checkpoint stays here until its upload and registration succeeded.
+    workdir = Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
+    shutil.rmtree(workdir, ignore_errors=True)
     ckpt = save_checkpoint(prep.model, workdir / "checkpoint", manifest)
+    if cfg.bundle_backbone:
+        bundle_backbone(ckpt, cfg.backbone, cfg.revision or None)
     try:
         info = tracking.with_retries(
             f"upload of the epoch {ep.epoch} checkpoint",
             lambda: log_checkpoint(ckpt, name=f"{attempt.name}-epoch-{ep.epoch}", registered_model_name=cfg.registered_model),
         )
     except tracking.TrackingError as e:
-        raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt}") from e
+        raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
     version = str(info.registered_model_version)
     tracking.tag_version(cfg.registered_model, version, {
         "task": cfg.task, "epoch": ep.epoch, "run_id": run_id, "parent_run_id": parent_run_id, "attempt": attempt.name,

@@ -41,7 +41,9 @@ def _versions(name: str):
 
 
 def _env(tmp_path):
-    return {**os.environ, "MYCELIUM_STATE": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
+    # In-process runs of other tests leave MLflow's active-experiment variables behind.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    return {**env, "MYCELIUM_STATE": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
 
 
 def test_mlflow_run_c4_registers_every_epoch_and_promotes_the_best(stack, corpus, tmp_path):
