@@ -148,6 +148,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def delete(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        local_path(uri).unlink(missing_ok=True)
+
+
 def join(prefix: str, *parts: str) -> str:
     """Join a prefix URI (S3 or local) with relative parts using ``/``."""
     base = prefix.rstrip("/")

@@ -58,6 +58,26 @@ def preflight(timeout: float = 10.0) -> str:
     return uri
 
 
+def log_params_once(params: dict[str, str]) -> None:
+    """Log params on the active run, keeping what `mlflow run` already logged there.
+
+    MLflow params are immutable. A launcher run from `mlflow run` already holds the MLproject
+    parameters as typed (``''`` for an empty string); a resolved value that differs is logged
+    as ``resolved_<name>`` beside it instead of failing the run.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    out = {}
+    for k, v in params.items():
+        old = existing.get(k)
+        if old is None:
+            out[k] = v
+        elif old.strip("'\"") != v:
+            out[f"resolved_{k}"] = v
+    if out:
+        mlflow.log_params(out)
+
+
 def ui_url(run: mlflow.entities.Run | None = None) -> str:
     uri = mlflow.get_tracking_uri().rstrip("/")
     if run is None or not uri.startswith("http"):

@@ -525,11 +525,11 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig) -> None:
     mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
                      "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
     params = cfg.params()
-    params.update({"precision_resolved": prep.precision, "device": str(prep.device), "backbone_revision": prep.info.revision,
+    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
                    "selection_metric": _selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
                    **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
-    mlflow.log_params(tracking.scrub({k: str(v)[:6000] for k, v in params.items()}))
+    tracking.log_params_once(tracking.scrub({k: str(v)[:6000] for k, v in params.items()}))
     # Class distribution before training: metrics, a JSON and a bar chart.
     counts = {s: dict(c) for s, c in prep.split.counts.items() if sum(c.values())}
     for split_name, per_label in counts.items():

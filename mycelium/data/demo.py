@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -1255,6 +1256,15 @@ def write_demo_corpus(
     finally:
         if builder:
             builder.shutdown()
+    # A smaller corpus written over a bigger one must not leave the old extra parts behind:
+    # the loader reads every file under the prefix.
+    wanted = {part_name(k) for k in range(files)}
+    for task in stats:
+        stale = [o for o in storage.list_objects(storage.join(dest, task) + "/")
+                 if re.fullmatch(r"part-\d{5}\.jsonl", o.key) and o.key not in wanted]
+        for obj in stale:
+            storage.delete(obj.uri)
+        stats[task]["removed_stale_files"] = len(stale)
     elapsed = round(time.perf_counter() - started, 2)
     for st in stats.values():
         st["labels"] = dict(st["labels"].most_common())

@@ -1,0 +1,113 @@
+"""What the bench runner and its worker processes share: the job description and small helpers.
+
+A ``Job`` is one contender's run of one configuration; the runner writes it as JSON, starts
+``bench/worker.py`` on it in a fresh process (so peak memory is per run) and reads back a JSON
+result. Nothing here imports torch, transformers or mlflow: the runner stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONTENDERS = ("peer", "ours", "lower")
+
+
+@dataclass
+class Job:
+    contender: str  # peer | ours | lower
+    config: str  # c4-minilm | c6-qwen2 | ...
+    task: str  # c4 | c6
+    data: str  # s3://... prefix the three contenders read alike
+    backbone: str  # "minilm" or a local model folder
+    epochs: int
+    batch_size: int
+    max_length: int
+    unfrozen_layers: int
+    lr_head: float
+    lr_backbone: float
+    weight_decay: float
+    class_weights: str
+    weight_clip: float
+    dropout: float
+    seed: int
+    val_fraction: float
+    token_budget: int
+    device: str  # cpu | cuda
+    workdir: str  # scratch folder of this run (Trainer output_dir, MYCELIUM_STATE, ...)
+    cache_dir: str  # MYCELIUM_CACHE of this run: fresh = cold caches; the previous one = a cache hit
+    result: str  # where the worker writes its JSON result
+    eval_batch_size: int = 0  # peer: per_device_eval_batch_size (0: 4 x batch_size)
+    profile: bool = False  # ours: also write a cProfile dump to workdir/ours.prof
+    extra: dict = field(default_factory=dict)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Job:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident memory (VmHWM), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def machine_description() -> dict:
+    """CPU model, cores, memory, torch/transformers versions and the GPU if any (imports torch)."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem_gib, 1) if mem_gib else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
+    }
+
+
+class Clock:
+    """Wall-clock stamps relative to an origin (the parent's spawn time when given)."""
+
+    def __init__(self, origin: float | None = None):
+        self.origin = origin if origin is not None else time.time()
+
+    def now(self) -> float:
+        return time.time() - self.origin

