@@ -156,6 +156,37 @@ def compute_pooled(
     return out
 
 
+def pooled_from_prefix(
+    model: Classifier,
+    prefix: "PrefixStates",
+    *,
+    pad_side: str = "right",
+    token_budget: int = 16384,
+    max_batch: int = 256,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pooled features ``[N, H]`` from cached prefix states: only the blocks after the prefix run.
+
+    With the prefix of the unfreeze fallback cached, the frozen attempt's features cost the last
+    few blocks instead of a full pass, and the fallback reuses the prefix: one backbone pass serves
+    both attempts.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    lengths = prefix.lengths.tolist()
+    out = torch.empty((len(lengths), model.hidden_size), dtype=torch.float32)
+    with _ModesSaved(model), _progress(len(lengths), "pooled features (from prefix)", progress) as bar:
+        model.eval()
+        for batch in length_buckets(lengths, token_budget, max_batch):
+            hidden, mask = prefix.batch(batch, pad_side, device)
+            with torch.inference_mode(), _autocast(device, autocast_dtype):
+                feats = suffix_encode(model, hidden, mask, prefix.first_trainable).float()
+            out[torch.as_tensor(batch)] = feats.cpu()
+            bar.update(len(batch))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Prefix states (partially unfrozen backbone)
 

@@ -218,31 +218,38 @@ class Source:
                 separator=cfg.spec.separator, fingerprint=prep.data.fingerprint, val_fraction=cfg.val_fraction, seed=cfg.seed,
                 precision=prep.precision,
             )
+            total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
+            # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
+            store = prep.amp_dtype or torch.float32
+            prefix_ok = features.supports_suffix(model) and features.fits(features.prefix_bytes(total, model.hidden_size, store), cfg.cache_memory_gb)
+            fallback_k = n_blocks - min(4, n_blocks)
+
+            def prefix(split: str, k: int):
+                ids = prep.train_ids if split == "train" else prep.val_ids
+                return self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
+                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
+                    autocast_dtype=prep.amp_dtype, store_dtype=store))
+
+            def pooled(split: str):
+                # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
+                if prefix_ok and "unfreeze" in cfg.fallback_steps():
+                    return features.pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=cfg.token_budget,
+                                                       device=prep.device, autocast_dtype=prep.amp_dtype)
+                ids = prep.train_ids if split == "train" else prep.val_ids
+                return features.compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget,
+                                               device=prep.device, autocast_dtype=prep.amp_dtype)
+
             if attempt.unfrozen_layers == 0:
                 self.mode = "pooled"
-                self.train_x = self._cached(("pooled", "train"), key_parts, lambda: features.compute_pooled(
-                    model, prep.train_ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
-                self.val_x = self._cached(("pooled", "val"), key_parts, lambda: features.compute_pooled(
-                    model, prep.val_ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device, autocast_dtype=prep.amp_dtype))
+                self.train_x = self._cached(("pooled", "train"), key_parts, lambda: pooled("train"))
+                self.val_x = self._cached(("pooled", "val"), key_parts, lambda: pooled("val"))
+            elif prefix_ok:
+                self.mode = "prefix"
+                self.train_x, self.val_x = prefix("train", self.first_trainable), prefix("val", self.first_trainable)
             else:
-                total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
-                # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
-                store = prep.amp_dtype or torch.float32
-                need = features.prefix_bytes(total, model.hidden_size, store)
-                if not features.supports_suffix(model):
-                    log.warning("no prefix cache for %s: running the full forward every epoch", prep.info.architecture)
-                elif features.fits(need, cfg.cache_memory_gb):
-                    self.mode = "prefix"
-                    k = self.first_trainable
-                    self.train_x = self._cached(("prefix", "train", k), key_parts, lambda: features.compute_prefix(
-                        model, prep.train_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
-                        autocast_dtype=prep.amp_dtype, store_dtype=store))
-                    self.val_x = self._cached(("prefix", "val", k), key_parts, lambda: features.compute_prefix(
-                        model, prep.val_ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
-                        autocast_dtype=prep.amp_dtype, store_dtype=store))
-                else:
-                    log.warning("prefix cache would need %.1f GB > cache_memory_gb=%.1f: running the full forward every epoch",
-                                need / 1e9, cfg.cache_memory_gb)
+                log.warning("no prefix cache (%s): running the full forward every epoch",
+                            "architecture not supported" if not features.supports_suffix(model)
+                            else f"it would exceed cache_memory_gb={cfg.cache_memory_gb}")
         log.info("attempt %s: batches from %s", attempt.name, self.mode)
 
     def _cached(self, name: tuple, key_parts: dict, compute):
