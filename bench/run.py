@@ -71,10 +71,10 @@ def configs(quick: bool, cuda: bool) -> list[BenchConfig]:
         ]
     else:
         out = [
-            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=16, per_file=250,
+            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=int(os.environ.get("BENCH_C4_FILES", 16)), per_file=250,
                         target_peer=4.0, target_lower=1.3),
             BenchConfig("c6-qwen2-24", "C6 last 4 of 24 blocks trainable, Qwen2-shaped (CPU size)", "c6", 4,
-                        files=8, per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
+                        files=int(os.environ.get("BENCH_C6_FILES", 8)), per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
         ]
     if cuda:
         from models import QWEN25_05B

@@ -124,6 +124,16 @@ def _client():
     return MlflowClient()
 
 
+def _check_server() -> None:
+    """Fail in seconds when the tracking server does not answer (MLflow itself retries for minutes)."""
+    from mycelium.tracking import TrackingError, preflight
+
+    try:
+        preflight(timeout=10.0)
+    except TrackingError as e:
+        raise ModelNotFoundError(str(e)) from None
+
+
 def _versions_hint(name: str) -> str:
     try:
         versions = _client().search_model_versions(f"name = '{name}'")
@@ -147,7 +157,12 @@ def _registered_version(name: str, *, version: str | None = None, alias: str | N
     client = _client()
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise ModelNotFoundError(
+                f"cannot look up registered model {name!r} on the tracking server {_tracking_uri()}: {e.message} "
+                "(is the server up? `mycelium stack status`; MLFLOW_TRACKING_URI selects the server)"
+            ) from None
         raise ModelNotFoundError(
             f"no registered model {name!r} on the tracking server {_tracking_uri()}: train one "
             "(`mlflow run . -e <task>`), pass registered_model= / --registered-model, or point "
@@ -157,7 +172,9 @@ def _registered_version(name: str, *, version: str | None = None, alias: str | N
         if version is not None:
             return client.get_model_version(name, str(version))
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ModelNotFoundError(f"cannot look up {name!r} on {_tracking_uri()}: {e.message}") from None
         what = f"version {version}" if version is not None else f"alias {alias!r}"
         raise ModelNotFoundError(f"registered model {name!r} has no {what}{_versions_hint(name)}") from None
 
@@ -192,6 +209,8 @@ def resolve_source(
                     "downloaded model or checkpoint)"
                 )
             return _Source(str(local), None, local=local)
+        if not uri.startswith(("s3://", "gs://", "wasbs://", "hdfs://")):
+            _check_server()
         m = _MODELS_URI.match(uri)
         if m:
             name, uri_alias, suffix = m.group("name"), m.group("alias"), m.group("suffix")
@@ -211,6 +230,7 @@ def resolve_source(
             f"model_uri {uri!r} is neither a local folder nor a models:/, runs:/ or artifact-store URI"
         )
     name = registered_model or registered_model_for(task)
+    _check_server()
     if version is not None:
         version = str(version).strip().lstrip("vV")
         if not version.isdigit():

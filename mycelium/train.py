@@ -160,7 +160,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
     device = resolve_device(cfg)
     precision, amp_dtype = resolve_precision(cfg, device)
-    backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None)
+    # fp32 master weights: transformers 5 would load Qwen2.5 in its config's bf16, where AdamW steps
+    # at lr 2e-5 on unfrozen blocks round away; autocast gives bf16/fp16 speed on the GPU.
+    backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None, dtype=torch.float32)
     torch.manual_seed(cfg.seed)
     model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
 
@@ -388,7 +390,7 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
         "separator": cfg.spec.separator, "max_length": cfg.max_length,
         "backbone": backbone_manifest(prep.info),
-        "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout},
+        "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
         "epoch": ep.epoch, "attempt": attempt.name, "metrics": report.metrics, "data_fingerprint": prep.data.fingerprint,
     }
     # Local first: the checkpoint stays here until its upload and registration succeeded.

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Training evaluates the validation split through the feature cache (hidden states entering the
 # unfrozen block, then that block + head); loading runs the whole backbone on raw text. Both are
-# fp32 on the same weights, so they agree to float rounding; 1e-4 leaves room for BLAS order.
+# fp32 on the same weights (training is pinned to precision=fp32, so a GPU machine does not
+# validate under bf16 autocast), so they agree to float rounding; 1e-4 leaves room for BLAS order.
 TRAINING_ATOL = 1e-4
 # Same weights, same code path (served vs in-process): differences are JSON float rounding only.
 SERVING_ATOL = 1e-6
@@ -78,7 +79,7 @@ def c6_run(corpus):
     cfg = config_from_args(
         ["--data", f"{corpus}/c6/", "--backbone", "minilm", "--epochs", "2", "--unfrozen-layers", "1",
          "--registered-model", f"test-downstream-c6-{_uid()}", "--experiment", f"exp-downstream-{_uid()}",
-         "--fallbacks", "none", "--max-length", "64"],
+         "--fallbacks", "none", "--max-length", "64", "--precision", "fp32"],
         "c6",
     )
     result = run(cfg)
@@ -93,8 +94,8 @@ def champion(c6_run) -> api.TaskModel:
 
 
 @pytest.fixture(scope="module")
-def val_records(c6_run) -> tuple[list[dict], list[str]]:
-    """The validation split rebuilt the way training builds it (``train.prepare``): records and labels."""
+def val_records(c6_run) -> tuple[list[dict], list[str], list[str]]:
+    """The validation split rebuilt the way training builds it (``train.prepare``): records, true labels, label order."""
     cfg, _ = c6_run
     data = load_task_data(cfg.data, cfg.spec, field_map=cfg.field_map or None, label_names=cfg.label_names or None,
                           on_error=cfg.on_error, progress=False)
@@ -160,10 +161,13 @@ def test_python_api_rules_and_shared_backbone(c6_run, c5_bundled, champion):
     by_version = mycelium.load("c6", version=champion.version, registered_model=cfg.registered_model)
     assert by_version.path == champion.path  # the download cache
     v = MlflowClient().get_model_version(cfg.registered_model, champion.version)
-    logged = mlflow.get_logged_model(v.source.split("/")[-1]) if v.source.startswith("models:/m-") else None
-    if logged is not None:
-        by_run = mycelium.load("c6", model_uri=f"runs:/{v.run_id}/{logged.name}")
-        assert same(by_run.predict([PROBLEM])[0], a)
+    assert v.source.startswith("models:/m-"), v.source  # MLflow 3: a version's source is a logged model
+    logged = mlflow.get_logged_model(v.source.split("/")[-1])
+    by_run = mycelium.load("c6", model_uri=f"runs:/{v.run_id}/{logged.name}")
+    assert by_run.run_id == v.run_id and by_run.version is None
+    assert same(by_run.predict([PROBLEM])[0], a)
+    for folder in (champion.path, champion.path / "artifacts" / "checkpoint"):  # a downloaded model, a bare checkpoint
+        assert same(mycelium.load("c6", model_uri=str(folder)).predict([PROBLEM])[0], a)
     shared = lambda m: m.model.backbone.embeddings.word_embeddings.weight.data_ptr()  # noqa: E731
     assert shared(by_version) == shared(champion)
     # A model with a bundled backbone (same weights) shares the same frozen backbone in memory,
@@ -299,7 +303,7 @@ def c5_bundled(corpus):
     cfg = config_from_args(
         ["--data", f"{corpus}/c5/", "--backbone", "minilm", "--epochs", "1", "--bundle-backbone", "true",
          "--registered-model", f"test-downstream-c5-{_uid()}", "--experiment", f"exp-downstream-{_uid()}",
-         "--fallbacks", "none", "--max-length", "64"],
+         "--fallbacks", "none", "--max-length", "64", "--precision", "fp32"],
         "c5",
     )
     run(cfg)
