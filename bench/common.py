@@ -42,7 +42,7 @@ class Job:
     workdir: str  # scratch folder of this run (Trainer output_dir, MYCELIUM_STATE, ...)
     cache_dir: str  # MYCELIUM_CACHE of this run: fresh = cold caches; the previous one = a cache hit
     result: str  # where the worker writes its JSON result
-    eval_batch_size: int = 0  # peer: per_device_eval_batch_size (0: 4 x batch_size)
+    eval_batch_size: int = 0  # peer: per_device_eval_batch_size (0: batch_size)
     profile: bool = False  # ours: also write a cProfile dump to workdir/ours.prof
     extra: dict = field(default_factory=dict)
 

@@ -155,7 +155,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
         "--max-length", str(job.max_length), "--unfrozen-layers", str(job.unfrozen_layers),
         "--lr-head", str(job.lr_head), "--lr-backbone", str(job.lr_backbone), "--weight-decay", str(job.weight_decay),
         "--class-weights", job.class_weights, "--weight-clip", str(job.weight_clip), "--dropout", str(job.dropout),
-        "--seed", str(job.seed), "--val-fraction", str(job.val_fraction), "--token-budget", str(job.token_budget),
+        "--seed", str(job.seed), "--val-fraction", str(job.val_fraction),
         "--device", job.device, "--precision", "auto",
         # The peer has no fallback ladder: one attempt of the same epochs on both sides.
         "--fallbacks", "none",
@@ -310,7 +310,8 @@ def run_peer(job: Job, stamps: dict) -> dict:
         output_dir=str(Path(job.workdir) / "trainer"),
         num_train_epochs=job.epochs,
         per_device_train_batch_size=job.batch_size,
-        per_device_eval_batch_size=job.eval_batch_size or 4 * job.batch_size,
+        # Eval batch = train batch: on this CPU larger batches run slower per row (cache effects).
+        per_device_eval_batch_size=job.eval_batch_size or job.batch_size,
         train_sampling_strategy="group_by_length",  # transformers 5's spelling of group_by_length=True
         eval_strategy="epoch",
         save_strategy="epoch",
