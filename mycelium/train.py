@@ -399,20 +399,25 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     ckpt = save_checkpoint(prep.model, workdir / "checkpoint", manifest)
     if cfg.bundle_backbone:
         bundle_backbone(ckpt, cfg.backbone, cfg.revision or None)
-    try:
-        info = tracking.with_retries(
-            f"upload of the epoch {ep.epoch} checkpoint",
-            lambda: log_checkpoint(ckpt, name=f"{attempt.name}-epoch-{ep.epoch}", registered_model_name=cfg.registered_model),
-        )
-    except tracking.TrackingError as e:
-        raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
-    version = str(info.registered_model_version)
-    tracking.tag_version(cfg.registered_model, version, {
+    tags = {
         "task": cfg.task, "epoch": ep.epoch, "run_id": run_id, "parent_run_id": parent_run_id, "attempt": attempt.name,
         "collapsed": str(report.collapsed).lower(), "data_fingerprint": prep.data.fingerprint, "selection_metric": metric,
         metric: f"{report.metrics[metric]:.6f}", "macro_f1": f"{report.metrics['macro_f1']:.6f}",
-        "accuracy": f"{report.metrics['accuracy']:.6f}", "backbone": prep.info.name,
-    })
+        "accuracy": f"{report.metrics['accuracy']:.6f}", "backbone": manifest["backbone"]["name"],
+    }
+    try:
+        info = tracking.with_retries(
+            f"upload of the epoch {ep.epoch} checkpoint",
+            lambda: log_checkpoint(ckpt, name=f"{attempt.name}-epoch-{ep.epoch}"),
+        )
+        # Tags go with the registration request: one call instead of one per tag.
+        mv = tracking.with_retries(
+            f"registration of the epoch {ep.epoch} checkpoint",
+            lambda: mlflow.register_model(info.model_uri, cfg.registered_model, tags={k: str(v) for k, v in tags.items()}),
+        )
+    except tracking.TrackingError as e:
+        raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
+    version = str(mv.version)
     shutil.rmtree(workdir, ignore_errors=True)  # uploaded and registered: the local copy has done its job
     return version
 
