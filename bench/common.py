@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,16 +100,6 @@ def machine_description() -> dict:
         "gpu": gpu,
         "loadavg_at_start": [round(x, 2) for x in load] if load else None,
     }
-
-
-class Clock:
-    """Wall-clock stamps relative to an origin (the parent's spawn time when given)."""
-
-    def __init__(self, origin: float | None = None):
-        self.origin = origin if origin is not None else time.time()
-
-    def now(self) -> float:
-        return time.time() - self.origin
 
 
 def own_cpu_seconds() -> float:

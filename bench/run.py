@@ -73,10 +73,10 @@ def configs(quick: bool, cuda: bool) -> list[BenchConfig]:
     else:
         out = [
             # Sizes chosen so the whole bench stays under 15 minutes on a 2-core CPU.
-            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=12, per_file=250,
+            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=20, per_file=250,
                         target_peer=4.0, target_lower=1.3),
             BenchConfig("c6-qwen2-24", "C6 last 4 of 24 blocks trainable, Qwen2-shaped (CPU size)", "c6", 4,
-                        files=4, per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
+                        files=8, per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
         ]
     if cuda:
         from models import QWEN25_05B
@@ -254,7 +254,8 @@ def overhead_line(cfg: BenchConfig, runs: dict[str, list[dict]]) -> str | None:
         return None
     groups = {"backbone pass": ("backbone pass", "feature cache"),
               "training + validation": ("training steps", "validation pass"),
-              "MLflow tracking + registration": ("per-epoch tracking", "per-epoch checkpoint", "run setup", "end:")}
+              "MLflow tracking + registration": ("per-epoch tracking", "per-epoch checkpoint", "run setup", "end:",
+                                                 "model version tags")}
     sums = {name: _median([sum(v for k, v in r["phases"].items() if k.startswith(prefixes)) for r in ok])
             for name, prefixes in groups.items()}
     imports = _median([r["startup_imports_seconds"] for r in ok])

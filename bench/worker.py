@@ -144,7 +144,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
     os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
     import mlflow
 
-    from mycelium import checkpoint, features, plots, serving, tracking
+    from mycelium import features, plots, tracking
     from mycelium import train as train_mod
     from mycelium.config import config_from_args
     from mycelium.resume import ResumeState
@@ -192,11 +192,11 @@ def run_ours(job: Job, stamps: dict) -> dict:
     w(plots, "confusion_matrix_figure", "per-epoch tracking: confusion png (matplotlib)")
     w(mlflow, "log_figure", "per-epoch tracking: figure upload")
     w(train_mod, "save_checkpoint", "per-epoch checkpoint: save safetensors")
-    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc log_model + register")
-    w(tracking, "tag_version", "per-epoch checkpoint: version tags")
+    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc log_model")
+    w(mlflow, "register_model", "per-epoch checkpoint: register version (+ tags)")
+    w(tracking, "tag_version", "model version tags set one by one")
     w(ResumeState, "save", "per-epoch resume state save")
     w(train_mod, "run", "run(): other (unwrapped code)")
-    _ = (checkpoint, serving)
 
     profiler = None
     if job.profile:
@@ -221,7 +221,6 @@ def run_ours(job: Job, stamps: dict) -> dict:
         "run_seconds": total,
         "metrics": final_metrics(reports, selection_metric(job.task)),
         "versions_registered": sum(v is not None for v in versions),
-        "batches_from": None,
         "champion": result.decision.as_tags() if result.decision else {},
     }
 
