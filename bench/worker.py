@@ -144,7 +144,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
     os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
     import mlflow
 
-    from mycelium import features, plots, tracking
+    from mycelium import features, plots, serving, tracking
     from mycelium import train as train_mod
     from mycelium.config import config_from_args
     from mycelium.resume import ResumeState
@@ -190,10 +190,11 @@ def run_ours(job: Job, stamps: dict) -> dict:
     w(train_mod, "evaluate_predictions", "validation pass per epoch")
     w(train_mod, "log_epoch", "per-epoch tracking: metrics, confusion json, tags")
     w(plots, "confusion_matrix_figure", "per-epoch tracking: confusion png (matplotlib)")
-    w(mlflow, "log_figure", "per-epoch tracking: figure upload")
+    w(train_mod, "upload_folder", "per-epoch tracking: confusion json + png upload")
+    w(train_mod, "start_logged_model", "per-epoch checkpoint: create logged model")
     w(train_mod, "save_checkpoint", "per-epoch checkpoint: save safetensors")
-    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc log_model")
-    w(mlflow, "register_model", "per-epoch checkpoint: register version (+ tags)")
+    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc save + upload")
+    w(serving, "register_version", "per-epoch checkpoint: register version (+ tags)")
     w(tracking, "tag_version", "model version tags set one by one")
     w(ResumeState, "save", "per-epoch resume state save")
     w(train_mod, "run", "run(): other (unwrapped code)")

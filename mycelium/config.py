@@ -55,7 +55,9 @@ class TrainConfig:
     force_fallbacks: bool = False  # run the whole ladder even when the first attempt is good
     collapse_dominance: float = 0.9
     dropout: float = 0.1
-    token_budget: int = 8192  # padded tokens per batch for backbone passes
+    # Padded tokens per batch (rows are further capped by batch_size); 0 = auto: 8192 on a GPU,
+    # 4096 on a CPU, where larger batches ran slower per token (bench/, MiniLM, 2 cores).
+    token_budget: int = 0
     cache: bool = True  # feature / prefix cache for frozen computation
     cache_memory_gb: float = 8.0
     resume: bool = False
@@ -109,7 +111,9 @@ class TrainConfig:
             raise bad("collapse_dominance", "must be in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
-        if self.token_budget < self.max_length:
+        if self.token_budget < 0:
+            raise bad("token_budget", "must be 0 (auto) or a number of tokens")
+        if self.token_budget and self.token_budget < self.max_length:
             raise bad("token_budget", f"must be at least max_length ({self.max_length})")
         for step in self.fallback_steps():
             if step not in FALLBACK_STEPS:

@@ -1,7 +1,7 @@
 """Figures for MLflow: class distribution, confusion matrix, and collapse attempts side by side.
 
 Every function returns a ``matplotlib.figure.Figure`` for ``mlflow.log_figure`` and never calls
-``pyplot.show``; the Agg backend is selected so it works without a display. Figures are built
+``pyplot.show``; they render with Agg, so they work without a display. Figures are built
 with ``Figure`` directly (not ``pyplot``) so nothing accumulates in pyplot's global state over
 a long training run; callers need not close them.
 """
@@ -10,14 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
+import numpy as np
 
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from .metrics import metric_key
 
-from .metrics import metric_key  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    # matplotlib is imported on first use: it costs ~2 s of start-up on a small CPU, paid only by
+    # the processes that draw. A bare Figure renders through Agg without selecting a backend.
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def _labels_of(counts: Mapping[str, Mapping[str, int]]) -> list[str]:
@@ -46,7 +54,7 @@ def class_distribution_figure(
     if log_scale is None:
         log_scale = bool(nonzero.size and nonzero.max() / nonzero.min() > 20)
 
-    fig = Figure(figsize=(max(6.0, 1.2 * len(labels) + 2), 4.5), layout="constrained")
+    fig = _figure(figsize=(max(6.0, 1.2 * len(labels) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(splits))
@@ -81,7 +89,7 @@ def confusion_matrix_figure(
     share = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
 
     size = max(4.0, 0.7 * k + 2.5)
-    fig = Figure(figsize=(size + 1.0, size), layout="constrained")
+    fig = _figure(figsize=(size + 1.0, size), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="share of true class (row)")
@@ -124,7 +132,7 @@ def attempts_figure(
     k = len(labels)
     x = np.arange(k)
 
-    fig = Figure(figsize=(max(8.0, 1.1 * k + 4), 7.5), layout="constrained")
+    fig = _figure(figsize=(max(8.0, 1.1 * k + 4), 7.5), layout="constrained")
     ax_f1, ax_share = fig.subplots(2, 1, sharex=True)
 
     width = 0.8 / max(1, len(names))

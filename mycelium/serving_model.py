@@ -2,7 +2,7 @@
 
 ``serving.log_checkpoint`` logs this file as the model's code; MLflow executes it when the model
 is loaded (``mlflow.pyfunc.load_model`` or ``mlflow models serve``), with the logged copy of the
-``mycelium`` package (``code/mycelium``) first on ``sys.path``. ``load_context`` loads the
+``mycelium`` package (``code/mycelium.zip``) first on ``sys.path``. ``load_context`` loads the
 checkpoint artifact; ``predict`` takes a DataFrame with the task's input columns and returns
 ``label`` plus one ``prob_<LABEL>`` column per class.
 
@@ -15,9 +15,15 @@ Environment variables read when the model loads:
 """
 
 import os
+import sys
 
-import mlflow
-import pandas as pd
+# The model's own copy of the package (one zip: see ``serving.package_zip``), ahead of any other.
+_CODE_ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "code", "mycelium.zip")
+if os.path.isfile(_CODE_ZIP) and _CODE_ZIP not in sys.path:
+    sys.path.insert(0, _CODE_ZIP)
+
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from mycelium.serving import MAX_ROWS, output_frame, validate_input  # noqa: F401  (MAX_ROWS: documented limit)
 

@@ -89,6 +89,16 @@ def log_json(obj, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(obj, indent=2, sort_keys=False), artifact_file)
 
 
+def log_batch(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str],
+              model_id: str | None = None) -> None:
+    """Metrics (at ``step``, linked to ``model_id`` when given) and run tags in one request."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def find_resumable(experiment: str, task: str, fingerprint: str) -> mlflow.entities.Run | None:
     """The newest parent run of this task and data that did not finish (killed, failed, or still marked running)."""
     exp = mlflow.get_experiment_by_name(experiment)

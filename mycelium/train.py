@@ -11,6 +11,7 @@ only the trainable blocks each epoch (``mycelium.features``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from .metrics import EpochReport, evaluate_predictions
 from .model import (BackboneInfo, Classifier, apply_freezing, count_trainable, final_norm, load_backbone, param_groups,
                     transformer_blocks)
 from .resume import ResumeState
-from .serving import log_checkpoint
+from .serving import log_checkpoint, start_logged_model, upload_folder
 from .text import join_inputs, length_buckets, pad_batch, tokenize
 
 log = logging.getLogger("mycelium.train")
@@ -117,6 +118,7 @@ class Prepared:
     precision: str
     amp_dtype: torch.dtype | None
     cache: features.FeatureCache | None
+    token_budget: int  # resolved: padded tokens per batch
     cached: dict[tuple, object] = field(default_factory=dict)
 
 
@@ -183,6 +185,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         model=model, tokenizer=tokenizer, info=info, pristine=pristine,
         device=device, precision=precision, amp_dtype=amp_dtype,
         cache=features.FeatureCache() if cfg.cache else None,
+        token_budget=cfg.token_budget or (8192 if device.type == "cuda" else 4096),
     )
 
 
@@ -229,16 +232,16 @@ class Source:
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
                 return self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
-                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget, device=prep.device,
+                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget, device=prep.device,
                     autocast_dtype=prep.amp_dtype, store_dtype=store))
 
             def pooled(split: str):
                 # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
                 if prefix_ok and "unfreeze" in cfg.fallback_steps():
-                    return features.pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=cfg.token_budget,
+                    return features.pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=prep.token_budget,
                                                        device=prep.device, autocast_dtype=prep.amp_dtype)
                 ids = prep.train_ids if split == "train" else prep.val_ids
-                return features.compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=cfg.token_budget,
+                return features.compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget,
                                                device=prep.device, autocast_dtype=prep.amp_dtype)
 
             if attempt.unfrozen_layers == 0:
@@ -271,7 +274,7 @@ class Source:
             order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
             size = self.cfg.batch_size if generator is not None else 4096
             return [order[i : i + size] for i in range(0, n, size)]
-        return length_buckets(self.lengths(split), self.cfg.token_budget, self.cfg.batch_size, generator)
+        return length_buckets(self.lengths(split), self.prep.token_budget, self.cfg.batch_size, generator)
 
     def logits(self, split: str, idx: list[int]) -> torch.Tensor:
         prep, model = self.prep, self.prep.model
@@ -362,7 +365,8 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         probs, val_loss = evaluate(source, loss_fn, prep)
         report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
         epoch_result = EpochResult(epoch, report, train_loss, val_loss, None, probs)
-        epoch_result.version = log_epoch(prep, cfg, attempt, epoch_result, run_id, parent_run_id)
+        epoch_result.version = log_epoch(prep, cfg, attempt, epoch_result, run_id, parent_run_id,
+                                         may_exist=resume is not None and epoch == start_epoch)
         result.epochs.append(epoch_result)
         ResumeState.save(cfg, parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
         log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s", attempt.name, epoch, train_loss, val_loss,
@@ -370,21 +374,20 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     return result
 
 
-def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str, parent_run_id: str) -> str:
-    """Metrics, confusion matrix and the registered checkpoint of one epoch; returns the version."""
-    report = ep.report
-    mlflow.log_metrics({"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_")}, step=ep.epoch)
-    stem = f"confusion/epoch-{ep.epoch:03d}"
-    tracking.log_json({"labels": report.labels, "matrix": report.confusion, "epoch": ep.epoch, "collapsed": report.collapsed,
-                       "never_predicted": report.never_predicted, "zero_recall": report.zero_recall}, f"{stem}.json")
-    mlflow.log_figure(plots.confusion_matrix_figure(report.confusion, report.labels,
-                                                    title=f"{cfg.task} {attempt.name} epoch {ep.epoch}"), f"{stem}.png")
-    mlflow.set_tag("collapsed", str(report.collapsed).lower())
-    mlflow.set_tag("last_completed_epoch", str(ep.epoch))
+def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str, parent_run_id: str,
+              may_exist: bool = False) -> str:
+    """Metrics, confusion matrix and the registered checkpoint of one epoch; returns the version.
 
+    ``may_exist``: the first epoch of a resumed attempt, which may have been registered before
+    the run died (found by tag, not registered twice)."""
+    report = ep.report
     metric = _selection_metric(cfg)
-    existing = tracking.existing_version(cfg.registered_model, run_id, ep.epoch)
+    client = MlflowClient()
+    metrics = {"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_")}
+    run_tags = {"collapsed": str(report.collapsed).lower(), "last_completed_epoch": str(ep.epoch)}
+    existing = tracking.existing_version(cfg.registered_model, run_id, ep.epoch) if may_exist else None
     if existing is not None:  # a resumed run that died after registering this epoch
+        tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags)
         return existing.version
     manifest = {
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
@@ -399,6 +402,20 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     ckpt = save_checkpoint(prep.model, workdir / "checkpoint", manifest)
     if cfg.bundle_backbone:
         bundle_backbone(ckpt, cfg.backbone, cfg.revision or None)
+
+    # The epoch's model first, so its metrics are logged against it (the UI shows them on the
+    # model page too): metrics and run tags in one request.
+    logged = tracking.with_retries("creation of the epoch's logged model",
+                                   lambda: start_logged_model(f"{attempt.name}-epoch-{ep.epoch}", manifest))
+    tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags, model_id=logged.model_id)
+    confusion = workdir / "confusion"
+    confusion.mkdir()
+    stem = f"epoch-{ep.epoch:03d}"
+    (confusion / f"{stem}.json").write_text(json.dumps(
+        {"labels": report.labels, "matrix": report.confusion, "epoch": ep.epoch, "collapsed": report.collapsed,
+         "never_predicted": report.never_predicted, "zero_recall": report.zero_recall}, indent=2))
+    figure = plots.confusion_matrix_figure(report.confusion, report.labels, title=f"{cfg.task} {attempt.name} epoch {ep.epoch}")
+    figure.savefig(confusion / f"{stem}.png")
     tags = {
         "task": cfg.task, "epoch": ep.epoch, "run_id": run_id, "parent_run_id": parent_run_id, "attempt": attempt.name,
         "collapsed": str(report.collapsed).lower(), "data_fingerprint": prep.data.fingerprint, "selection_metric": metric,
@@ -406,20 +423,16 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
         "accuracy": f"{report.metrics['accuracy']:.6f}", "backbone": manifest["backbone"]["name"],
     }
     try:
+        tracking.with_retries(f"upload of the epoch {ep.epoch} confusion matrix",
+                              lambda: upload_folder(confusion, mlflow.get_artifact_uri("confusion")))
         info = tracking.with_retries(
-            f"upload of the epoch {ep.epoch} checkpoint",
-            lambda: log_checkpoint(ckpt, name=f"{attempt.name}-epoch-{ep.epoch}"),
-        )
-        # Tags go with the registration request: one call instead of one per tag.
-        mv = tracking.with_retries(
-            f"registration of the epoch {ep.epoch} checkpoint",
-            lambda: mlflow.register_model(info.model_uri, cfg.registered_model, tags={k: str(v) for k, v in tags.items()}),
+            f"upload and registration of the epoch {ep.epoch} checkpoint",
+            lambda: log_checkpoint(ckpt, logged_model=logged, registered_model_name=cfg.registered_model, version_tags=tags),
         )
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
-    version = str(mv.version)
     shutil.rmtree(workdir, ignore_errors=True)  # uploaded and registered: the local copy has done its job
-    return version
+    return str(info.registered_model_version)
 
 
 # ----------------------------------------------------------------------------- the whole training
@@ -539,7 +552,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig) -> None:
     mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
                      "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
     params = cfg.params()
-    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "backbone_revision": prep.info.revision,
+    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget, "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
                    "selection_metric": _selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
                    **{k: v for k, v in prep.data.summary().items() if k != "labels"}})

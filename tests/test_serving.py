@@ -2,7 +2,7 @@
 
 Against the real embedded stack (SeaweedFS + MLflow server). The registered model is loaded in a
 fresh Python process that cannot import the installed project, so it runs from the logged copy
-of the package (``code/mycelium``) alone.
+of the package (``code/mycelium.zip``) alone.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -116,8 +117,8 @@ def test_fresh_process_predicts_like_in_process(registered, checkpoint_dir, tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    # The project came from the model's own code/ folder, not from this checkout.
-    assert Path(result["mycelium"]).parts[-3:] == ("code", "mycelium", "__init__.py")
+    # The project came from the model's own code zip, not from this checkout.
+    assert Path(result["mycelium"]).parts[-4:] == ("code", "mycelium.zip", "mycelium", "__init__.py")
     assert not Path(result["mycelium"]).is_relative_to(Path(ck.__file__).parents[1])
 
     frame = pd.DataFrame(**{k: result["frame"][k] for k in ("data", "columns")})
@@ -172,8 +173,12 @@ def test_artifact_has_no_pickles_and_is_models_from_code(registered, tmp_path):
     assert serving.find_pickles(local) == []
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin"))]
     assert {"MLmodel", "serving_model.py", "requirements.txt", "artifacts/checkpoint/manifest.json",
-            "artifacts/checkpoint/trained.safetensors", "code/mycelium/checkpoint.py",
-            "code/mycelium/serving_model.py"} <= set(files)
+            "artifacts/checkpoint/trained.safetensors", "code/mycelium.zip"} <= set(files)
+    with zipfile.ZipFile(local / "code" / "mycelium.zip") as z:
+        assert {"mycelium/__init__.py", "mycelium/checkpoint.py", "mycelium/serving_model.py"} <= set(z.namelist())
+        assert not [n for n in z.namelist() if "__pycache__" in n or n.endswith(".pyc")]
+    # One request per file through the artifact proxy: the model stays a handful of files.
+    assert len(files) <= 12, files
 
     flavor = info.flavors["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
