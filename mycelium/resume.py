@@ -56,9 +56,11 @@ class ResumeState:
     # -- writing -------------------------------------------------------------------------------
 
     @staticmethod
-    def save(cfg, parent_run_id: str, attempt, epoch: int, model, optimizer, scaler, epochs: list) -> None:
+    def save(parent_run_id: str, attempt, epoch: int, model, optimizer, scaler, epochs: list) -> Path:
+        """Write the state after ``epoch`` beside the live one; ``commit`` makes it the live state
+        once the epoch's checkpoint is registered, so a resume never skips an unregistered epoch."""
         d = _dir(parent_run_id, attempt.index)
-        tmp = d.with_name(d.name + ".tmp")
+        tmp = d.with_name(f"{d.name}.epoch-{epoch}.pending")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -78,18 +80,28 @@ class ResumeState:
             ],
         }
         (tmp / "state.json").write_text(json.dumps(meta))
-        # Replace the previous epoch's state only once the new one is complete.
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        return tmp
 
     @staticmethod
-    def clear(cfg, parent_run_id: str) -> None:
+    def commit(pending: Path, epochs: list) -> None:
+        """Make a ``save``d state the live one, with the versions registered since it was written."""
+        meta = json.loads((pending / "state.json").read_text())
+        versions = {e.epoch: e.version for e in epochs}
+        for e in meta["epochs"]:
+            e["version"] = versions.get(e["epoch"], e["version"])
+        (pending / "state.json").write_text(json.dumps(meta))
+        live = pending.with_name(pending.name.split(".", 1)[0])
+        shutil.rmtree(live, ignore_errors=True)
+        os.replace(pending, live)
+
+    @staticmethod
+    def clear(parent_run_id: str) -> None:
         shutil.rmtree(_root() / parent_run_id, ignore_errors=True)
 
     # -- reading -------------------------------------------------------------------------------
 
     @staticmethod
-    def load(cfg, parent_run_id: str, attempt) -> ResumeState | None:
+    def load(parent_run_id: str, attempt) -> ResumeState | None:
         d = _dir(parent_run_id, attempt.index)
         return ResumeState(d) if (d / "state.json").exists() else None
 
@@ -124,7 +136,7 @@ class ResumeState:
         from .train import AttemptResult
 
         parent = run.data.tags["mlflow.parentRunId"]
-        state = ResumeState.load(None, parent, attempt)
+        state = ResumeState.load(parent, attempt)
         if state is None:
             raise RuntimeError(
                 f"attempt {attempt.name} of run {parent} finished, but its local resume state is gone; start a new run without -P resume=true"

@@ -189,6 +189,7 @@ def log_checkpoint(
     version_tags: dict[str, str] | None = None,
     logged_model=None,
     input_example_rows: Sequence[Sequence[str]] | None = None,
+    run=None,
 ):
     """Log a checkpoint folder as a pyfunc model of the active run and, with
     ``registered_model_name``, register it as a new version (``version_tags`` go with that one
@@ -203,6 +204,8 @@ def log_checkpoint(
     and signature), uploaded in parallel, and registered with one request.
 
     ``input_example_rows`` (rows of input-field values) are stored as the input example.
+    ``run``: the run (``mlflow.entities.Run``) to log to, default the active run; threads other
+    than the one that started the run must pass it (MLflow's active run is per thread).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -210,9 +213,9 @@ def log_checkpoint(
 
     from mycelium.checkpoint import BUNDLED_BACKBONE_DIR, read_manifest
 
-    run = mlflow.active_run()
+    run = run or mlflow.active_run()
     if run is None:
-        raise RuntimeError("log_checkpoint must be called inside an active MLflow run (mlflow.start_run())")
+        raise RuntimeError("log_checkpoint must be called inside an active MLflow run (mlflow.start_run()) or be given run=")
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
     pickles = find_pickles(checkpoint_dir)
@@ -226,7 +229,7 @@ def log_checkpoint(
         validate_input(input_example, manifest)
 
     client = MlflowClient()
-    lm = logged_model or start_logged_model(name, manifest)
+    lm = logged_model or start_logged_model(name, manifest, run)
     try:
         with tempfile.TemporaryDirectory(prefix="mycelium-serving-") as staging, warnings.catch_warnings():
             # MLflow records the absolute paths of the code file and of the artifact sources in
@@ -264,14 +267,15 @@ def log_checkpoint(
     return info
 
 
-def start_logged_model(name: str, manifest: dict):
-    """A pending MLflow 3 ``LoggedModel`` of the active run, linked to the run at the manifest's
-    epoch (the run page lists it; metrics logged with its ``model_id`` show on the model page)."""
+def start_logged_model(name: str, manifest: dict, run=None):
+    """A pending MLflow 3 ``LoggedModel`` of ``run`` (default: the active run), linked to the run
+    at the manifest's epoch (the run page lists it; metrics logged with its ``model_id`` show on
+    the model page)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput
 
-    run = mlflow.active_run()
+    run = run or mlflow.active_run()
     client = MlflowClient()
     params = {"task": manifest["task"], "epoch": manifest["epoch"], "attempt": manifest["attempt"],
               "backbone": manifest["backbone"]["name"], "n_unfrozen": manifest["n_unfrozen"]}

@@ -99,6 +99,45 @@ def log_batch(client: MlflowClient, run_id: str, metrics: dict[str, float], step
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+class Lane:
+    """MLflow work of one attempt on a background thread, in submission order.
+
+    An epoch's upload and registration (a second or more of requests) then overlaps the next
+    epoch's training instead of stalling it. ``check`` raises a failed job's error at the next
+    epoch; ``drain`` waits for every job and raises the first error; ``close`` waits too, so the
+    epochs already trained are published even when training stops with an error.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mycelium-tracking")
+        self._futures: list = []
+
+    def submit(self, fn, *args, **kwargs):
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._futures.append(future)
+        return future
+
+    def check(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    def drain(self) -> None:
+        for f in self._futures:
+            f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Lane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def find_resumable(experiment: str, task: str, fingerprint: str) -> mlflow.entities.Run | None:
     """The newest parent run of this task and data that did not finish (killed, failed, or still marked running)."""
     exp = mlflow.get_experiment_by_name(experiment)

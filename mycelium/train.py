@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import features, plots, tracking
-from .checkpoint import backbone_manifest, bundle_backbone, save_checkpoint
+from .checkpoint import backbone_manifest, bundle_backbone, read_manifest, save_checkpoint
 from .config import TrainConfig
 from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
 from .data.split import Split, split_records
@@ -343,45 +343,74 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     for _ in range(1, start_epoch):  # keep the shuffling sequence identical to an uninterrupted run
         source.batches("train", generator)
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        batches = source.batches("train", generator)
-        for idx in tqdm(batches, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}", leave=False, unit="batch"):
-            y = prep.y_train[idx].to(device)
-            with torch.autocast(device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
-                logits = source.logits("train", idx)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        train_loss = total / max(n, 1)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"attempt {attempt.name} epoch {epoch}: training loss is {train_loss}; lower -P lr_head / lr_backbone")
+    run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
+    with tracking.Lane() as lane:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            lane.check()  # a failed upload of an earlier epoch stops training here
+            model.train()
+            total, n = 0.0, 0
+            batches = source.batches("train", generator)
+            for idx in tqdm(batches, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}", leave=False, unit="batch"):
+                y = prep.y_train[idx].to(device)
+                with torch.autocast(device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
+                    logits = source.logits("train", idx)
+                loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(idx)
+                n += len(idx)
+            train_loss = total / max(n, 1)
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"attempt {attempt.name} epoch {epoch}: training loss is {train_loss}; lower -P lr_head / lr_backbone")
 
-        probs, val_loss = evaluate(source, loss_fn, prep)
-        report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
-        epoch_result = EpochResult(epoch, report, train_loss, val_loss, None, probs)
-        epoch_result.version = log_epoch(prep, cfg, attempt, epoch_result, run_id, parent_run_id,
-                                         may_exist=resume is not None and epoch == start_epoch)
-        result.epochs.append(epoch_result)
-        ResumeState.save(cfg, parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
-        log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s", attempt.name, epoch, train_loss, val_loss,
-                 _selection_metric(cfg), report.metrics[_selection_metric(cfg)], " COLLAPSED" if report.collapsed else "")
+            probs, val_loss = evaluate(source, loss_fn, prep)
+            report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
+            ep = EpochResult(epoch, report, train_loss, val_loss, None, probs)
+            result.epochs.append(ep)
+            # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
+            ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
+            pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
+            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, pending, list(result.epochs),
+                        may_exist=resume is not None and epoch == start_epoch)
+        lane.drain()
     return result
 
 
-def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str, parent_run_id: str,
+def publish_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
+                  pending_state: Path, epochs: list[EpochResult], may_exist: bool) -> None:
+    """Log and register one epoch, then make its resume state the live one (tracking thread)."""
+    ep.version = log_epoch(prep, cfg, attempt, ep, run, parent_run_id, ckpt, may_exist)
+    ResumeState.commit(pending_state, epochs)
+    metric = _selection_metric(cfg)
+    log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s (version %s)", attempt.name, ep.epoch, ep.train_loss, ep.val_loss,
+             metric, ep.report.metrics[metric], " COLLAPSED" if ep.report.collapsed else "", ep.version)
+
+
+def save_epoch_checkpoint(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str) -> Path:
+    """The epoch's checkpoint on local disk; it stays there until its upload and registration succeeded."""
+    manifest = {
+        "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
+        "separator": cfg.spec.separator, "max_length": cfg.max_length,
+        "backbone": backbone_manifest(prep.info),
+        "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
+        "epoch": ep.epoch, "attempt": attempt.name, "metrics": ep.report.metrics, "data_fingerprint": prep.data.fingerprint,
+    }
+    workdir = Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    return save_checkpoint(prep.model, workdir / "checkpoint", manifest)
+
+
+def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
               may_exist: bool = False) -> str:
-    """Metrics, confusion matrix and the registered checkpoint of one epoch; returns the version.
+    """Metrics, confusion matrix and the registered checkpoint of one epoch of ``run``; returns the version.
 
     ``may_exist``: the first epoch of a resumed attempt, which may have been registered before
     the run died (found by tag, not registered twice)."""
     report = ep.report
     metric = _selection_metric(cfg)
+    run_id = run.info.run_id
     client = MlflowClient()
     metrics = {"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_")}
     run_tags = {"collapsed": str(report.collapsed).lower(), "last_completed_epoch": str(ep.epoch)}
@@ -389,27 +418,17 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     if existing is not None:  # a resumed run that died after registering this epoch
         tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags)
         return existing.version
-    manifest = {
-        "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
-        "separator": cfg.spec.separator, "max_length": cfg.max_length,
-        "backbone": backbone_manifest(prep.info),
-        "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
-        "epoch": ep.epoch, "attempt": attempt.name, "metrics": report.metrics, "data_fingerprint": prep.data.fingerprint,
-    }
-    # Local first: the checkpoint stays here until its upload and registration succeeded.
-    workdir = Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    ckpt = save_checkpoint(prep.model, workdir / "checkpoint", manifest)
     if cfg.bundle_backbone:
         bundle_backbone(ckpt, cfg.backbone, cfg.revision or None)
+    manifest = read_manifest(ckpt)
 
     # The epoch's model first, so its metrics are logged against it (the UI shows them on the
     # model page too): metrics and run tags in one request.
     logged = tracking.with_retries("creation of the epoch's logged model",
-                                   lambda: start_logged_model(f"{attempt.name}-epoch-{ep.epoch}", manifest))
+                                   lambda: start_logged_model(f"{attempt.name}-epoch-{ep.epoch}", manifest, run))
     tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags, model_id=logged.model_id)
-    confusion = workdir / "confusion"
-    confusion.mkdir()
+    confusion = ckpt.parent / "confusion"
+    confusion.mkdir(exist_ok=True)
     stem = f"epoch-{ep.epoch:03d}"
     (confusion / f"{stem}.json").write_text(json.dumps(
         {"labels": report.labels, "matrix": report.confusion, "epoch": ep.epoch, "collapsed": report.collapsed,
@@ -424,14 +443,14 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     }
     try:
         tracking.with_retries(f"upload of the epoch {ep.epoch} confusion matrix",
-                              lambda: upload_folder(confusion, mlflow.get_artifact_uri("confusion")))
+                              lambda: upload_folder(confusion, f"{run.info.artifact_uri.rstrip('/')}/confusion"))
         info = tracking.with_retries(
             f"upload and registration of the epoch {ep.epoch} checkpoint",
-            lambda: log_checkpoint(ckpt, logged_model=logged, registered_model_name=cfg.registered_model, version_tags=tags),
+            lambda: log_checkpoint(ckpt, logged_model=logged, registered_model_name=cfg.registered_model, version_tags=tags, run=run),
         )
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
-    shutil.rmtree(workdir, ignore_errors=True)  # uploaded and registered: the local copy has done its job
+    shutil.rmtree(ckpt.parent, ignore_errors=True)  # uploaded and registered: the local copy has done its job
     return str(info.registered_model_version)
 
 
@@ -494,7 +513,7 @@ def run(cfg: TrainConfig) -> RunResult:
         MlflowClient().set_tag(launcher, "mycelium_training_run", ui)
         log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
                  cfg.experiment, ui, cfg.experiment)
-    ResumeState.clear(cfg, pid)
+    ResumeState.clear(pid)
     return RunResult(pid, results, winner, decision, prep.labels, ui)
 
 
@@ -508,7 +527,7 @@ def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: st
     if previous is not None:
         if previous.data.tags.get("mycelium_state") == "done":
             return ResumeState.finished_attempt(previous, attempt, prep)
-        resume = ResumeState.load(cfg, parent_id, attempt)
+        resume = ResumeState.load(parent_id, attempt)
     run_name = f"{attempt.index}-{attempt.name}"
     with mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else run_name, nested=True) as child:
         if previous is None:
