@@ -384,7 +384,8 @@ def _start_services(cfg: StackConfig, env: dict[str, str], started: list[str], t
     if _read_pid(cfg, "mlflow") is None:
         cfg.pid_file("mlflow").unlink(missing_ok=True)
         _check_ports(cfg, ["mlflow"])
-        _spawn(cfg, "mlflow", _mlflow_command(cfg), env)
+        # MLflow 3's GenAI job runners (three more processes, ~250 MB each) serve nothing here.
+        _spawn(cfg, "mlflow", _mlflow_command(cfg), {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         started.append("mlflow")
     _wait(f"MLflow server on {cfg.tracking_uri}", lambda: _http_ok(cfg.tracking_uri + "/health"), timeout, cfg, "mlflow")
 

@@ -58,15 +58,17 @@ def preflight(timeout: float = 10.0) -> str:
     return uri
 
 
-def log_params_once(params: dict[str, str]) -> None:
-    """Log params on the active run, keeping what `mlflow run` already logged there.
+def log_params_once(params: dict[str, str], run_id: str) -> None:
+    """Log params on a run, keeping what `mlflow run` already logged there.
 
     MLflow params are immutable. A launcher run from `mlflow run` already holds the MLproject
     parameters as typed (``''`` for an empty string); a resolved value that differs is logged
     as ``resolved_<name>`` beside it instead of failing the run.
     """
-    run = mlflow.active_run()
-    existing = MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
     out = {}
     for k, v in params.items():
         old = existing.get(k)
@@ -74,8 +76,9 @@ def log_params_once(params: dict[str, str]) -> None:
             out[k] = v
         elif old.strip("'\"") != v:
             out[f"resolved_{k}"] = v
-    if out:
-        mlflow.log_params(out)
+    items = [Param(k, v) for k, v in out.items()]
+    for i in range(0, len(items), 100):  # the REST API's limit per batch
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def ui_url(run: mlflow.entities.Run | None = None) -> str:
@@ -83,10 +86,6 @@ def ui_url(run: mlflow.entities.Run | None = None) -> str:
     if run is None or not uri.startswith("http"):
         return uri
     return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-
-
-def log_json(obj, artifact_file: str) -> None:
-    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=False), artifact_file)
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str],
@@ -124,9 +123,13 @@ class Lane:
             if f.done() and f.exception() is not None:
                 raise f.exception()
 
-    def drain(self) -> None:
+    def drain(self, raise_errors: bool = True) -> None:
         for f in self._futures:
-            f.result()
+            error = f.exception()  # waits
+            if error is not None:
+                if raise_errors:
+                    raise error
+                log.warning("tracking thread: %s", error)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -189,9 +192,13 @@ def with_retries(what: str, fn, attempts: int = 3, wait: float = 2.0):
 
 
 def tag_version(model_name: str, version: str, tags: dict[str, object]) -> None:
+    """Set tags on a model version. The registry API takes one tag per request; they go out in
+    parallel instead of one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
     client = MlflowClient()
-    for k, v in tags.items():
-        client.set_model_version_tag(model_name, version, k, str(v))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda kv: client.set_model_version_tag(model_name, version, kv[0], str(kv[1])), tags.items()))
 
 
 @dataclass

@@ -309,7 +309,9 @@ def evaluate(source: Source, loss_fn, prep: Prepared) -> tuple[np.ndarray, float
 
 
 def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: str, parent_run_id: str,
-                  resume: ResumeState | None) -> AttemptResult:
+                  resume: ResumeState | None, lane: tracking.Lane) -> AttemptResult:
+    """One attempt's epochs. Each epoch's logging and registration goes to ``lane`` (the tracking
+    thread) and overlaps the next epoch; the attempt returns once all of them are registered."""
     model, device = prep.model, prep.device
     # Every attempt starts from the pretrained backbone and a fresh head.
     with torch.no_grad():
@@ -344,7 +346,7 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         source.batches("train", generator)
 
     run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
-    with tracking.Lane() as lane:
+    try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             lane.check()  # a failed upload of an earlier epoch stops training here
             model.train()
@@ -374,7 +376,10 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
             pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
             lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, pending, list(result.epochs),
                         may_exist=resume is not None and epoch == start_epoch)
-        lane.drain()
+    except BaseException:
+        lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
+        raise
+    lane.drain()
     return result
 
 
@@ -487,10 +492,13 @@ def run(cfg: TrainConfig) -> RunResult:
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is not None and MlflowClient().get_run(launcher).info.experiment_id == exp.experiment_id:
             parent_id, launcher = launcher, None
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent:
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent, tracking.Lane() as lane:
         pid = parent.info.run_id
         if resumed is None:
-            _log_parent_start(prep, cfg)
+            # The tags that make the run findable (and resumable) now; the rest while the backbone runs.
+            mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
+                             "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
+            lane.submit(_log_parent_start, prep, cfg, pid)
         done = {int(r.data.tags["attempt_index"]): r for r in tracking.child_runs(pid, parent.info.experiment_id)} if resumed else {}
 
         n_blocks = len(transformer_blocks(prep.model.backbone))
@@ -498,7 +506,7 @@ def run(cfg: TrainConfig) -> RunResult:
         results: list[AttemptResult] = []
         steps = list(cfg.fallback_steps())
         while attempt is not None:
-            results.append(_run_child(prep, cfg, attempt, pid, done.get(attempt.index)))
+            results.append(_run_child(prep, cfg, attempt, pid, done.get(attempt.index), lane))
             attempt = None
             while steps and attempt is None:
                 attempt = next_attempt(steps.pop(0), results, cfg, n_blocks)
@@ -522,7 +530,7 @@ def _first_name(cfg: TrainConfig) -> str:
     return f"{frozen}-{cfg.class_weights}-{cfg.loss}"
 
 
-def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: str, previous) -> AttemptResult:
+def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: str, previous, lane: tracking.Lane) -> AttemptResult:
     resume = None
     if previous is not None:
         if previous.data.tags.get("mycelium_state") == "done":
@@ -534,7 +542,7 @@ def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: st
             mlflow.set_tags({"attempt_index": attempt.index, "attempt": attempt.name, "changed": attempt.changed,
                              "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights, "loss": attempt.loss,
                              "task": cfg.task, "data_fingerprint": prep.data.fingerprint, "mycelium_role": "attempt"})
-        result = train_attempt(prep, cfg, attempt, child.info.run_id, parent_id, resume)
+        result = train_attempt(prep, cfg, attempt, child.info.run_id, parent_id, resume, lane)
         best = result.best(_selection_metric(cfg))
         mlflow.set_tags({"best_epoch": best.epoch if best else "none", "mycelium_state": "done",
                          "attempt_collapsed": str(best is None).lower()})
@@ -567,29 +575,34 @@ def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None
     return None if report.collapsed else report.metrics[_selection_metric(cfg)]
 
 
-def _log_parent_start(prep: Prepared, cfg: TrainConfig) -> None:
-    mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
-                     "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
+def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
+    """Params, the class distribution (metrics, JSON, bar chart) and rejected records of the parent
+    run, by run id: it runs on the tracking thread while the backbone pass runs."""
+    client = MlflowClient()
     params = cfg.params()
-    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget, "backbone_revision": prep.info.revision,
+    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
+                   "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
                    "selection_metric": _selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
                    **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
-    tracking.log_params_once(tracking.scrub({k: str(v)[:6000] for k, v in params.items()}))
+    tracking.log_params_once(tracking.scrub({k: str(v)[:6000] for k, v in params.items()}), run_id)
     # Class distribution before training: metrics, a JSON and a bar chart.
     counts = {s: dict(c) for s, c in prep.split.counts.items() if sum(c.values())}
+    metrics = {}
     for split_name, per_label in counts.items():
         total = sum(per_label.values())
-        mlflow.log_metrics({f"{split_name}_count_{k}": float(v) for k, v in per_label.items()})
-        mlflow.log_metrics({f"{split_name}_share_{k}": v / total for k, v in per_label.items()})
-    tracking.log_json({"counts": counts, "warnings": prep.split.warnings}, "data/class_distribution.json")
-    mlflow.log_figure(plots.class_distribution_figure(counts, title=f"{cfg.task} class distribution"), "data/class_distribution.png")
+        metrics.update({f"{split_name}_count_{k}": float(v) for k, v in per_label.items()})
+        metrics.update({f"{split_name}_share_{k}": v / total for k, v in per_label.items()})
+    if prep.data.rejects:
+        metrics["data_skipped"] = float(prep.data.n_skipped)
+    tracking.log_batch(client, run_id, metrics, 0, {})
+    client.log_text(run_id, json.dumps({"counts": counts, "warnings": prep.split.warnings}, indent=2), "data/class_distribution.json")
+    client.log_figure(run_id, plots.class_distribution_figure(counts, title=f"{cfg.task} class distribution"), "data/class_distribution.png")
     if prep.data.rejects:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "rejected_records.jsonl"
             write_rejects_jsonl(prep.data.rejects, path)
-            mlflow.log_artifact(str(path), "data")
-        mlflow.log_metric("data_skipped", float(prep.data.n_skipped))
+            client.log_artifact(run_id, str(path), "data")
 
 
 def _log_parent_end(prep, cfg, results, winner, decision) -> None:
