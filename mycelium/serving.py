@@ -181,6 +181,68 @@ CODE_ZIP_NAME = "mycelium.zip"
 UPLOAD_THREADS = 8
 
 
+class ModelTemplate:
+    """What the pyfunc models of one attempt's epochs share, saved once with
+    ``mlflow.pyfunc.save_model``: MLmodel (flavor, signature), environment files, the code zip and
+    ``serving_model.py``. ``instantiate`` adds an epoch's checkpoint and identity (run, logged
+    model, metadata): no per-epoch ``save_model``, and its first-call cost (MLflow checks every
+    pinned requirement against the installed packages) is paid once, off the training thread.
+    """
+
+    def __init__(self, manifest: dict, bundled: bool, input_example_rows: Sequence[Sequence[str]] | None = None):
+        import mlflow
+
+        self.key = _template_key(manifest, bundled)
+        self._tmp = tempfile.TemporaryDirectory(prefix="mycelium-model-")
+        root = Path(self._tmp.name)
+        # MLflow records the absolute paths of the code file and of the artifact sources in
+        # MLmodel (it reads only base names back): save from this folder so no path of the
+        # checkout ends up in the model.
+        code_file = root / "src" / SERVING_MODEL_FILE.name
+        placeholder = root / "src" / "checkpoint"  # each epoch's checkpoint goes here
+        placeholder.mkdir(parents=True)
+        shutil.copyfile(SERVING_MODEL_FILE, code_file)
+        input_example = None
+        if input_example_rows is not None:
+            input_example = pd.DataFrame([list(r) for r in input_example_rows], columns=list(manifest["input_fields"]))
+            validate_input(input_example, manifest)
+        self.path = root / "model"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            mlflow.pyfunc.save_model(
+                str(self.path), python_model=str(code_file), artifacts={"checkpoint": str(placeholder)},
+                code_paths=[str(package_zip())], signature=signature_for(manifest), input_example=input_example,
+                pip_requirements=pip_requirements_for(manifest, bundled),
+            )
+        for pycache in self.path.rglob("__pycache__"):  # save_model executes the code file
+            shutil.rmtree(pycache, ignore_errors=True)
+
+    def instantiate(self, checkpoint_dir: Path, dest: Path, *, run_id: str, model_id: str, artifact_path: str, metadata: dict):
+        """The complete model folder of one checkpoint at ``dest``; returns its ``mlflow.models.Model``."""
+        import datetime
+        import uuid
+
+        from mlflow.models import Model
+
+        shutil.copytree(self.path, dest, copy_function=_link_or_copy)
+        shutil.copytree(checkpoint_dir, dest / "artifacts" / "checkpoint", dirs_exist_ok=True, copy_function=_link_or_copy)
+        mlmodel = Model.load(str(dest / "MLmodel"))
+        mlmodel.run_id, mlmodel.model_id, mlmodel.artifact_path = run_id, model_id, artifact_path
+        mlmodel.model_uuid = uuid.uuid4().hex
+        mlmodel.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        mlmodel.metadata = metadata
+        (dest / "MLmodel").unlink()  # a hard link to the template's: write a new file, not through the link
+        mlmodel.save(str(dest / "MLmodel"))
+        return mlmodel
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _template_key(manifest: dict, bundled: bool) -> tuple:
+    return (tuple(manifest["labels"]), tuple(manifest["input_fields"]), manifest["backbone"].get("source"), bundled)
+
+
 def log_checkpoint(
     checkpoint_dir: str | Path,
     *,
@@ -188,6 +250,7 @@ def log_checkpoint(
     registered_model_name: str | None = None,
     version_tags: dict[str, str] | None = None,
     logged_model=None,
+    template: ModelTemplate | None = None,
     input_example_rows: Sequence[Sequence[str]] | None = None,
     run=None,
 ):
@@ -196,20 +259,22 @@ def log_checkpoint(
     request). Returns MLflow's ``ModelInfo`` (``registered_model_version`` set when registered).
 
     ``logged_model``: a ``LoggedModel`` made by ``start_logged_model`` (so the epoch's metrics
-    can be logged against it first); by default one is created here.
+    can be logged against it first); by default one is created here. ``template``: a
+    ``ModelTemplate`` for checkpoints like this one (a training reuses one per attempt); by
+    default one is made for this call.
 
     Why not ``mlflow.pyfunc.log_model``: per call it re-reads every metric history of the run to
     copy this step's metrics onto the model (tens of requests), and uploads file by file. Here the
-    model is saved locally with ``mlflow.pyfunc.save_model`` (the same MLmodel, environment files
-    and signature), uploaded in parallel, and registered with one request.
+    model folder comes from ``mlflow.pyfunc.save_model`` (the same MLmodel, environment files and
+    signature), is uploaded in parallel, and registered with one request.
 
-    ``input_example_rows`` (rows of input-field values) are stored as the input example.
+    ``input_example_rows`` (rows of input-field values) are stored as the input example (with a
+    template of this call's own).
     ``run``: the run (``mlflow.entities.Run``) to log to, default the active run; threads other
     than the one that started the run must pass it (MLflow's active run is per thread).
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.models import Model
 
     from mycelium.checkpoint import BUNDLED_BACKBONE_DIR, read_manifest
 
@@ -223,40 +288,29 @@ def log_checkpoint(
         names = [p.relative_to(checkpoint_dir).as_posix() for p in pickles]
         raise MlflowException(f"refusing to log {checkpoint_dir}: it holds pickle files {names}")
     bundled = (checkpoint_dir / BUNDLED_BACKBONE_DIR).is_dir()
-    input_example = None
-    if input_example_rows is not None:
-        input_example = pd.DataFrame([list(r) for r in input_example_rows], columns=list(manifest["input_fields"]))
-        validate_input(input_example, manifest)
+    own_template = template is None or input_example_rows is not None
+    if own_template:
+        template = ModelTemplate(manifest, bundled, input_example_rows)
+    elif template.key != _template_key(manifest, bundled):
+        raise ValueError(f"the model template was made for {template.key}, this checkpoint is {_template_key(manifest, bundled)}")
 
     client = MlflowClient()
     lm = logged_model or start_logged_model(name, manifest, run)
     try:
-        with tempfile.TemporaryDirectory(prefix="mycelium-serving-") as staging, warnings.catch_warnings():
-            # MLflow records the absolute paths of the code file and of the artifact sources in
-            # MLmodel (it reads only base names back): save from a staging folder so no path of
-            # this checkout ends up in the model, and the checkpoint lands in artifacts/checkpoint/.
-            code_file = Path(staging) / SERVING_MODEL_FILE.name
-            shutil.copyfile(SERVING_MODEL_FILE, code_file)
-            staged_ckpt = Path(staging) / "checkpoint"
-            shutil.copytree(checkpoint_dir, staged_ckpt, copy_function=_link_or_copy)
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        with tempfile.TemporaryDirectory(prefix="mycelium-serving-") as staging:
             local = Path(staging) / "model"
-            mlmodel = Model(artifact_path=lm.artifact_location, run_id=run.info.run_id, model_id=lm.model_id,
-                            metadata={"mycelium": _model_metadata(manifest, bundled)})
-            mlflow.pyfunc.save_model(
-                str(local), mlflow_model=mlmodel, python_model=str(code_file),
-                artifacts={"checkpoint": str(staged_ckpt)}, code_paths=[str(package_zip())],
-                signature=signature_for(manifest), input_example=input_example,
-                pip_requirements=pip_requirements_for(manifest, bundled),
-            )
-            for pycache in local.rglob("__pycache__"):  # save_model executes the code file
-                shutil.rmtree(pycache, ignore_errors=True)
+            mlmodel = template.instantiate(checkpoint_dir, local, run_id=run.info.run_id, model_id=lm.model_id,
+                                           artifact_path=lm.artifact_location,
+                                           metadata={"mycelium": _model_metadata(manifest, bundled)})
             upload_folder(local, lm.artifact_location)
         lm = client.finalize_logged_model(lm.model_id, "READY")
     except BaseException:
         if logged_model is None:  # a caller's model stays pending for its retry
             _finalize_failed(client, lm.model_id)
         raise
+    finally:
+        if own_template:
+            template.close()
     info = mlmodel.get_model_info(logged_model=lm)
     flavor = (info.flavors or {}).get("python_function", {})
     if "python_model" in flavor or "model_code_path" not in flavor:

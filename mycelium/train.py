@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .metrics import EpochReport, evaluate_predictions
 from .model import (BackboneInfo, Classifier, apply_freezing, count_trainable, final_norm, load_backbone, param_groups,
                     transformer_blocks)
 from .resume import ResumeState
-from .serving import log_checkpoint, start_logged_model, upload_folder
+from .serving import ModelTemplate, log_checkpoint, start_logged_model, upload_folder
 from .text import join_inputs, length_buckets, pad_batch, tokenize
 
 log = logging.getLogger("mycelium.train")
@@ -321,6 +322,9 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     torch.manual_seed(cfg.seed + attempt.index)
     model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     apply_freezing(model.backbone, attempt.unfrozen_layers)
+    # The parts of the epochs' pyfunc models that do not change, made on the tracking thread while
+    # the backbone pass runs.
+    template = lane.submit(ModelTemplate, _manifest(prep, cfg, attempt), cfg.bundle_backbone)
     source = Source(prep, cfg, attempt)
 
     weights = class_weights(prep.y_train.tolist(), len(prep.labels), attempt.class_weights, clip=cfg.weight_clip,
@@ -374,41 +378,50 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
             # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
             ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
             pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
-            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, pending, list(result.epochs),
+            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
                         may_exist=resume is not None and epoch == start_epoch)
     except BaseException:
         lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
         raise
+    finally:
+        lane.submit(lambda: template.exception() is None and template.result().close())
     lane.drain()
     return result
 
 
 def publish_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
-                  pending_state: Path, epochs: list[EpochResult], may_exist: bool) -> None:
+                  template: Future, pending_state: Path, epochs: list[EpochResult], may_exist: bool) -> None:
     """Log and register one epoch, then make its resume state the live one (tracking thread)."""
-    ep.version = log_epoch(prep, cfg, attempt, ep, run, parent_run_id, ckpt, may_exist)
+    ep.version = log_epoch(prep, cfg, attempt, ep, run, parent_run_id, ckpt, template.result(), may_exist)
     ResumeState.commit(pending_state, epochs)
     metric = _selection_metric(cfg)
     log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s (version %s)", attempt.name, ep.epoch, ep.train_loss, ep.val_loss,
              metric, ep.report.metrics[metric], " COLLAPSED" if ep.report.collapsed else "", ep.version)
 
 
-def save_epoch_checkpoint(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str) -> Path:
-    """The epoch's checkpoint on local disk; it stays there until its upload and registration succeeded."""
+def _manifest(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult | None = None) -> dict:
+    """The checkpoint manifest of an attempt's epoch (without ``ep``: what all its epochs share)."""
     manifest = {
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
         "separator": cfg.spec.separator, "max_length": cfg.max_length,
         "backbone": backbone_manifest(prep.info),
         "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
-        "epoch": ep.epoch, "attempt": attempt.name, "metrics": ep.report.metrics, "data_fingerprint": prep.data.fingerprint,
+        "attempt": attempt.name, "data_fingerprint": prep.data.fingerprint,
     }
+    if ep is not None:
+        manifest.update({"epoch": ep.epoch, "metrics": ep.report.metrics})
+    return manifest
+
+
+def save_epoch_checkpoint(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str) -> Path:
+    """The epoch's checkpoint on local disk; it stays there until its upload and registration succeeded."""
     workdir = Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
     shutil.rmtree(workdir, ignore_errors=True)
-    return save_checkpoint(prep.model, workdir / "checkpoint", manifest)
+    return save_checkpoint(prep.model, workdir / "checkpoint", _manifest(prep, cfg, attempt, ep))
 
 
 def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
-              may_exist: bool = False) -> str:
+              template: ModelTemplate, may_exist: bool = False) -> str:
     """Metrics, confusion matrix and the registered checkpoint of one epoch of ``run``; returns the version.
 
     ``may_exist``: the first epoch of a resumed attempt, which may have been registered before
@@ -451,7 +464,8 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
                               lambda: upload_folder(confusion, f"{run.info.artifact_uri.rstrip('/')}/confusion"))
         info = tracking.with_retries(
             f"upload and registration of the epoch {ep.epoch} checkpoint",
-            lambda: log_checkpoint(ckpt, logged_model=logged, registered_model_name=cfg.registered_model, version_tags=tags, run=run),
+            lambda: log_checkpoint(ckpt, logged_model=logged, template=template, registered_model_name=cfg.registered_model,
+                                   version_tags=tags, run=run),
         )
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
