@@ -73,7 +73,7 @@ def configs(quick: bool, cuda: bool) -> list[BenchConfig]:
     else:
         out = [
             # Sizes chosen so the whole bench stays under 15 minutes on a 2-core CPU.
-            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=20, per_file=250,
+            BenchConfig("c4-minilm", "C4 frozen, MiniLM-L6 (packaged)", "c4", 0, files=32, per_file=250,
                         target_peer=4.0, target_lower=1.3),
             BenchConfig("c6-qwen2-24", "C6 last 4 of 24 blocks trainable, Qwen2-shaped (CPU size)", "c6", 4,
                         files=8, per_file=250, backbone="qwen2:cpu", arch=CPU_QWEN2, target_peer=2.0),
@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--configs", default="", help="comma list of configuration names to run (default: all that apply)")
+    p.add_argument("--contenders", default="peer,ours,lower",
+                   help="comma list of contenders to run (default all three: peer,ours,lower); fewer for a quick look")
     p.add_argument("--repeats", type=int, default=1, help="rounds of peer/ours/lower per configuration (medians reported)")
     p.add_argument("--rerun", default="c4-minilm",
                    help="configurations (comma list, 'all' or 'none') that also rerun ours on its warm feature cache "
@@ -395,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import torch
 
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    if not contenders or set(contenders) - {"peer", "ours", "lower"}:
+        p.error(f"--contenders: a comma list of peer, ours, lower; got {args.contenders!r}")
     cuda = torch.cuda.is_available()
     cfgs = configs(args.quick, cuda)
     if args.configs:
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[cfg.name] = {"peer": [], "ours": [], "lower": [], "rerun": []}
             for rep in range(args.repeats):
                 ours_cache = work / "cache" / f"{cfg.name}-ours-{rep}"
-                for contender in ("peer", "ours", "lower"):
+                for contender in [c for c in ("peer", "ours", "lower") if c in contenders]:
                     cache = ours_cache if contender == "ours" else work / "cache" / f"{cfg.name}-{contender}-{rep}"
                     tag = f"{contender}-{rep}"
                     job = make_job(cfg, contender, data, backbone, work, cache, tag, args.profile and contender == "ours")
