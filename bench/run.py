@@ -355,7 +355,7 @@ def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -
         "once (unpadded lists), `DataCollatorWithPadding` (dynamic padding), "
         "`train_sampling_strategy=\"group_by_length\"` (transformers 5's name for `group_by_length=True`), the same "
         "class weights through `compute_loss_func`, `eval_strategy=\"epoch\"`, `save_strategy=\"epoch\"`, "
-        "`report_to=\"none\"`, AdamW with the same parameter groups and learning rates (head 1e-3, blocks 2e-5) via "
+        "`report_to=\"none\"`, fused AdamW (the Trainer's default optimizer) with the same parameter groups and learning rates (head 1e-3, blocks 2e-5) via "
         "`optimizers=`, constant schedule and no gradient clipping (as ours), batch 32 for training and evaluation, "
         "`dataloader_num_workers=0` (on 2 cores, loader processes only take CPU from the forward pass; collating "
         "pre-tokenized rows is negligible), bf16 on a GPU that supports it.",

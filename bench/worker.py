@@ -387,7 +387,8 @@ def run_peer(job: Job, stamps: dict) -> dict:
     stamps_cb = Stamps()
     stamps_cb.t = t
     # Head at lr_head, trainable blocks at lr_backbone: the same AdamW groups as ours.
-    optimizer = torch.optim.AdamW(param_groups(clf, job.lr_head, job.lr_backbone, job.weight_decay))
+    # fused, as ours (and as the Trainer's own default optimizer, adamw_torch_fused).
+    optimizer = torch.optim.AdamW(param_groups(clf, job.lr_head, job.lr_backbone, job.weight_decay), fused=True)
     trainer = Trainer(
         model=model,
         args=args,

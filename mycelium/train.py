@@ -332,7 +332,8 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
                             explicit=[float(w) for w in cfg.explicit_weights.split(",")] if cfg.explicit_weights else None,
                             label_names=prep.labels)
     loss_fn = make_loss(attempt.loss, torch.tensor(weights, dtype=torch.float32, device=device), cfg.focal_gamma)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr_head, cfg.lr_backbone, cfg.weight_decay))
+    # fused: one kernel per step for all parameters; torch's CPU default is a Python loop over them.
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
     counts = count_trainable(model)
     mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
