@@ -14,7 +14,6 @@ Layout of what a training leaves behind (the "tracking contract" of the design):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import uuid
 import zipfile
+from types import SimpleNamespace
 from pathlib import Path
 
 import mlflow
@@ -210,3 +211,38 @@ def test_validate_input_unit():
     assert serving.validate_input(pd.DataFrame({"problem": []}), manifest) == []
     out = serving.output_frame(np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32), ["A", "B"])
     assert out["label"].tolist() == ["B", "A"] and out["prob_B"].dtype == np.float64
+
+
+def test_template_instances_are_separate_models(checkpoint_dir, tmp_path):
+    from mlflow.models import Model
+
+    manifest = ck.read_manifest(checkpoint_dir)
+    template = serving.ModelTemplate(manifest, bundled=False)
+    try:
+        a = template.instantiate(checkpoint_dir, tmp_path / "a", run_id="r1", model_id="m-1", artifact_path="x/1",
+                                 metadata={"mycelium": {"epoch": 1}})
+        b = template.instantiate(checkpoint_dir, tmp_path / "b", run_id="r1", model_id="m-2", artifact_path="x/2",
+                                 metadata={"mycelium": {"epoch": 2}})
+        assert (a.model_id, b.model_id) == ("m-1", "m-2") and a.model_uuid != b.model_uuid
+        on_disk = [Model.load(str(tmp_path / d / "MLmodel")) for d in ("a", "b")]
+        assert [m.metadata["mycelium"]["epoch"] for m in on_disk] == [1, 2]
+        # The template itself is untouched (the MLmodel of an instance is a new file, not a write
+        # through the hard link to the template's).
+        assert Model.load(str(template.path / "MLmodel")).model_id is None
+        assert (tmp_path / "a" / "artifacts" / "checkpoint" / "trained.safetensors").is_file()
+        assert not list((template.path / "artifacts" / "checkpoint").iterdir())
+    finally:
+        template.close()
+    assert not template.path.exists()
+    # A checkpoint with other labels is refused before anything is logged.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps(dict(manifest, labels=["A", "B", "C"])))
+    (other / "trained.safetensors").write_bytes((Path(checkpoint_dir) / "trained.safetensors").read_bytes())
+    template = serving.ModelTemplate(manifest, bundled=False)
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1", experiment_id="0"))
+    try:
+        with pytest.raises(ValueError, match=r"template was made for \(\('NOT_BRIDGING', 'BRIDGING'\)"):
+            serving.log_checkpoint(other, template=template, run=run)
+    finally:
+        template.close()
