@@ -103,9 +103,11 @@ class Lane:
     """MLflow work of a training on a background thread, in submission order.
 
     An epoch's upload and registration (a second or more of requests) then overlaps the next
-    epoch's training instead of stalling it. ``check`` raises a failed job's error at the next
-    epoch; ``drain`` waits for every job and raises the first error; ``close`` waits too, so the
-    epochs already trained are published even when training stops with an error.
+    epoch's training instead of stalling it. After a job fails, later jobs do not run (an epoch is
+    never published after an earlier one that was not, so the resume state stays at the last
+    registered epoch). ``check`` raises a failed job's error at the next epoch; ``drain`` waits
+    for every job and raises the first error; ``close`` waits too, so the epochs already trained
+    are published even when training stops with an error.
 
     Jobs wait while the lane is ``paused()`` (and, with ``paused=True``, until the first pause
     ends): the backbone pass runs alone. Python work on a second thread holds the GIL between the
@@ -117,6 +119,7 @@ class Lane:
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mycelium-tracking")
         self._futures: list = []
+        self._failed: BaseException | None = None
         self._open = threading.Event()
         if not paused:
             self._open.set()
@@ -124,7 +127,13 @@ class Lane:
     def submit(self, fn, *args, **kwargs):
         def job():
             self._open.wait()
-            return fn(*args, **kwargs)
+            if self._failed is not None:
+                raise TrackingError(f"not run: an earlier tracking step failed ({self._failed})")
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as e:
+                self._failed = e
+                raise
 
         future = self._pool.submit(job)
         self._futures.append(future)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mycelium.tracking import Lane
+from mycelium.tracking import Lane, TrackingError
 
 
 def test_jobs_run_in_order_on_one_background_thread():
@@ -42,10 +42,12 @@ def test_drain_opens_a_paused_lane_and_raises_the_first_error():
     lane = Lane(paused=True)
     lane.submit(lambda: done.append(1))
     lane.submit(lambda: (_ for _ in ()).throw(RuntimeError("upload failed: epoch 2")))
-    lane.submit(lambda: done.append(3))  # later jobs still run
+    third = lane.submit(lambda: done.append(3))  # not run: nothing is published after a failure
     with pytest.raises(RuntimeError, match="epoch 2"):
         lane.drain()
-    assert done == [1, 3]
+    assert done == [1]
+    with pytest.raises(TrackingError, match=r"not run: an earlier tracking step failed \(upload failed: epoch 2\)"):
+        third.result()
     with pytest.raises(RuntimeError, match="epoch 2"):
         lane.check()
     lane.drain(raise_errors=False)  # logs instead
