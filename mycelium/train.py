@@ -385,9 +385,12 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     except BaseException:
         lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
         raise
+    else:
+        lane.drain()
     finally:
-        lane.submit(lambda: template.exception() is None and template.result().close())
-    lane.drain()
+        # Every job of this attempt has run (or will never run) by now: the template is done with.
+        if template.done() and template.exception() is None:
+            template.result().close()
     return result
 
 
@@ -437,6 +440,7 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     existing = tracking.existing_version(cfg.registered_model, run_id, ep.epoch) if may_exist else None
     if existing is not None:  # a resumed run that died after registering this epoch
         tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags)
+        shutil.rmtree(ckpt.parent, ignore_errors=True)  # already uploaded: the local copy is not needed
         return existing.version
     if cfg.bundle_backbone:
         bundle_backbone(ckpt, cfg.backbone, cfg.revision or None)
@@ -607,7 +611,7 @@ def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None
 
 def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
     """Params, the class distribution (metrics, JSON, bar chart) and rejected records of the parent
-    run, by run id: it runs on the tracking thread while the backbone pass runs."""
+    run, by run id: it runs on the tracking thread (after the first backbone pass)."""
     client = MlflowClient()
     params = cfg.params()
     params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
