@@ -182,7 +182,8 @@ def run_ours(job: Job, stamps: dict) -> dict:
     w(train_mod, "_log_parent_start", "run setup: params, class distribution json+png")
     w(mlflow, "start_run", "run setup: start parent/child runs")
     w(mlflow.tracking.fluent, "end_run", "end: close runs")
-    w(train_mod, "_log_parent_end", "end: attempts figure, winner tags")
+    w(train_mod, "_log_parent_end", "end: winner tags and metrics")
+    w(train_mod, "_log_attempts_figure", "end: attempts figure (matplotlib + upload)")
     w(tracking, "decide_promotion", "end: champion decision + alias")
     w(ResumeState, "clear", "end: close runs")
     # Preparation.

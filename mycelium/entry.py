@@ -7,7 +7,6 @@ load) end the process with exit code 2 and one clear message, never a stack trac
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from rich.console import Console
@@ -51,9 +50,6 @@ def print_summary(result, cfg, console: Console) -> None:
 
 
 def main(task: str | None, argv: list[str] | None = None) -> int:
-    # MLflow's usage-telemetry thread reads os.environ while training edits it (MLFLOW_RUN_ID);
-    # that race ended a run with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. An explicit setting wins.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     setup_logging()
     console = Console(stderr=False)
     try:

@@ -352,6 +352,12 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         source.batches("train", generator)
 
     run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
+    threads = torch.get_num_threads()
+    if source.mode == "pooled" and device.type == "cpu":
+        # A head on cached features is a few tiny matmuls per step: a second intra-op thread costs
+        # more in synchronisation than it saves, and every op stalls while the tracking thread or
+        # the local MLflow/S3 servers hold the other core.
+        torch.set_num_threads(1)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             lane.check()  # a failed upload of an earlier epoch stops training here
@@ -388,6 +394,7 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     else:
         lane.drain()
     finally:
+        torch.set_num_threads(threads)
         # Every job of this attempt has run (or will never run) by now: the template is done with.
         if template.done() and template.exception() is None:
             template.result().close()
@@ -545,12 +552,14 @@ def _run(cfg: TrainConfig) -> RunResult:
             while steps and attempt is None:
                 attempt = next_attempt(steps.pop(0), results, cfg, n_blocks)
 
+        lane.submit(_log_attempts_figure, prep, cfg, results, pid)  # drawn and uploaded while the champion is decided
         winner = _winner(results, metric)
         candidate = tracking.Candidate(winner[1].version, metric, winner[1].report.metrics[metric], prep.data.fingerprint) if winner else None
         decision = tracking.decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg))
-        _log_parent_end(prep, cfg, results, winner, decision)
-        mlflow.set_tag("mycelium_state", "done")
-        ui = tracking.ui_url(mlflow.get_run(pid))
+        _log_parent_end(cfg, results, winner, decision, pid)
+        lane.drain()
+        mlflow.set_tag("mycelium_state", "done")  # last: a run without it is resumable
+        ui = tracking.ui_url(parent)
     if launcher:
         MlflowClient().set_tag(launcher, "mycelium_training_run", ui)
         log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
@@ -639,21 +648,27 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
             client.log_artifact(run_id, str(path), "data")
 
 
-def _log_parent_end(prep, cfg, results, winner, decision) -> None:
+def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[AttemptResult], run_id: str) -> None:
+    """Each attempt's best epoch side by side (per-class F1, predicted vs true distribution), by run id."""
     metric = _selection_metric(cfg)
     attempts = {}
     for r in results:
         best = r.best(metric) or max(r.epochs, key=lambda e: e.report.metrics[metric])
         attempts[f"{r.attempt.index}-{r.attempt.name}"] = best.report
-    mlflow.log_figure(plots.attempts_figure(attempts, prep.labels), "attempts_comparison.png")
+    MlflowClient().log_figure(run_id, plots.attempts_figure(attempts, prep.labels), "attempts_comparison.png")
+
+
+def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: tracking.Decision, run_id: str) -> None:
+    """The winner and the promotion decision: parent run tags and metrics in one request, and the winning version's tags."""
+    metric = _selection_metric(cfg)
     tags = decision.as_tags()
+    metrics = {"attempts": float(len(results))}
     if winner:
         r, e = winner
         tags.update({"winner_attempt": f"{r.attempt.index}-{r.attempt.name}", "winner_run_id": r.run_id,
                      "winner_epoch": str(e.epoch), "winner_version": str(e.version)})
-        mlflow.log_metrics({f"best_{metric}": e.report.metrics[metric], "best_macro_f1": e.report.metrics["macro_f1"]})
+        metrics.update({f"best_{metric}": e.report.metrics[metric], "best_macro_f1": e.report.metrics["macro_f1"]})
         tracking.tag_version(cfg.registered_model, e.version, tags)
     else:
         tags["winner_attempt"] = "none (all collapsed)"
-    mlflow.set_tags(tags)
-    mlflow.log_metric("attempts", float(len(results)))
+    tracking.log_batch(MlflowClient(), run_id, metrics, 0, tags)
