@@ -503,10 +503,11 @@ def run(cfg: TrainConfig) -> RunResult:
     """Train a task end to end (see the module docstring); the result names the parent run."""
     # The training thread shares the GIL with the tracking thread. CPython hands it back to a
     # waiting thread only every 5 ms by default, which the training thread pays after each of its
-    # many short torch calls; 0.5 ms halved that cost in a 2-core measurement (MiniLM pass with a
-    # busy second thread: 44 s -> 24 s, alone 11 s).
+    # many short torch calls. 2-core measurements, a head-only step (2.5 ms alone) while another
+    # thread draws confusion matrices: 18-19 ms at 5 ms, 16 ms at 0.5 ms, 7.7 ms at 0.1 ms, and
+    # the drawing thread no slower (it holds the GIL; the torch calls mostly do not).
     previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, 0.0005))
+    sys.setswitchinterval(min(previous, 0.0001))
     try:
         return _run(cfg)
     finally:
