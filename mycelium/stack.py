@@ -276,8 +276,9 @@ def _mlflow_command(cfg: StackConfig) -> list[str]:
         "--host", HOST, "--port", str(cfg.ports["mlflow"]),
         # One uvicorn worker: with more, uvicorn binds the socket itself (protocol 0), asyncio
         # then leaves Nagle's algorithm on, and every response (headers, then body) waits ~40 ms
-        # for the client's delayed ACK: 55-60 ms per REST call measured, 15-20 ms with one worker.
-        # One worker still serves requests concurrently (Flask runs in its thread pool).
+        # for the client's delayed ACK (uvicorn issue #3149, Linux): 55-60 ms per REST call
+        # measured, 15-20 ms with one worker. One worker still serves requests concurrently
+        # (Flask runs in its thread pool).
         "--workers", "1",
     ]
 
