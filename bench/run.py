@@ -304,6 +304,21 @@ def breakdown_table(cfg: BenchConfig, runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def tracking_call_ms(uri: str, n: int = 20) -> float:
+    """Median latency of one small MLflow REST call on a kept-alive connection (ours makes dozens
+    per epoch: metrics, uploads through the artifact proxy, registration). A server that leaves
+    Nagle's algorithm on shows here as ~40 ms more per call."""
+    import requests
+
+    session = requests.Session()
+    times = []
+    for _ in range(n + 2):
+        t = time.perf_counter()
+        session.get(f"{uri}/api/2.0/mlflow/experiments/get", params={"experiment_id": "0"}, timeout=30).raise_for_status()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[2:])  # the first calls open the connection and warm the server
+
+
 def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -> tuple[str, str]:
     summ = summary_table(cfgs, sums, data_info) + [""] + runs_table(cfgs, sums)
     checks = []
@@ -316,7 +331,8 @@ def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
         f"{machine['memory_gib']} GiB RAM" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
         + f"; torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}. "
-        f"Load average at start: {machine['loadavg_at_start']} (a shared machine: other jobs' load is in every number).",
+        f"Load average at start: {machine['loadavg_at_start']} (a shared machine: other jobs' load is in every number). "
+        f"MLflow server (embedded stack): median {machine.get('mlflow_call_ms', float('nan')):.1f} ms per REST call on a kept-alive connection.",
         "",
         "Models: " + "; ".join(f"{k}: {v}" for k, v in models.items()) + ".",
         "",
@@ -434,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     child_env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     child_env.pop("MLFLOW_RUN_ID", None)
     services = [pid for pid in (stack_mod._read_pid(stack_cfg, name) for name in ("mlflow", "seaweedfs")) if pid]
+    machine["mlflow_call_ms"] = tracking_call_ms(stack_cfg.tracking_uri)
+    log(f"MLflow REST call on a kept-alive connection: median {machine['mlflow_call_ms']:.1f} ms")
 
     runs: dict[str, dict[str, list[dict]]] = {}
     sums: dict[str, dict] = {}
