@@ -59,7 +59,9 @@ class TrainConfig:
     # 4096 on a CPU, where larger batches ran slower per token (bench/, MiniLM, 2 cores).
     token_budget: int = 0
     cache: bool = True  # feature / prefix cache for frozen computation
-    cache_memory_gb: float = 8.0
+    # Largest prefix cache in GiB (over it: the full forward every epoch); 0 = auto: half the RAM
+    # available when the run starts. Seed-sized C6 on Qwen2.5-0.5B needs about 11 GiB in bf16.
+    cache_memory_gb: float = 0.0
     resume: bool = False
     bundle_backbone: bool = False  # copy the backbone into every registered version (air-gapped serving)
     run_name: str = ""
@@ -111,6 +113,8 @@ class TrainConfig:
             raise bad("collapse_dominance", "must be in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
+        if self.cache_memory_gb < 0:
+            raise bad("cache_memory_gb", "must be 0 (auto: half the available RAM) or a size in GiB")
         if self.token_budget < 0:
             raise bad("token_budget", "must be 0 (auto) or a number of tokens")
         if self.token_budget and self.token_budget < self.max_length:

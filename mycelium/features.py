@@ -499,6 +499,46 @@ def fits(nbytes: int, budget_gb: float) -> bool:
     return nbytes <= budget_gb * (1 << 30)
 
 
+def available_ram_bytes() -> int:
+    """Memory the kernel says a new allocation can take without swapping (``MemAvailable``).
+
+    Read from ``/proc/meminfo`` because neither torch nor the standard library reports it; elsewhere
+    the free pages from ``sysconf``.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_cache_budget_gb() -> float:
+    """``cache_memory_gb=0`` (auto): half the RAM available now, leaving the rest to the data,
+    the backbone and everything else on the machine."""
+    return available_ram_bytes() / 2 / (1 << 30)
+
+
+def place_states(states: PrefixStates, device: torch.device) -> PrefixStates:
+    """Prefix states on ``device`` when it is a GPU with room for them (at most half its free
+    memory), else where they are (host RAM).
+
+    On the GPU each batch is gathered there: no host gather and copy per step, which otherwise
+    costs about as much as the four trainable blocks' own forward and backward.
+    """
+    if device.type != "cuda" or states.hidden.device.type == "cuda":
+        return states
+    free, _ = torch.cuda.mem_get_info(device)
+    if states.nbytes > free / 2:
+        log.info("prefix states (%.1f GiB) stay in host RAM: more than half the GPU's free %.1f GiB",
+                 states.nbytes / (1 << 30), free / (1 << 30))
+        return states
+    return PrefixStates(hidden=states.hidden.to(device), offsets=states.offsets, lengths=states.lengths,
+                        first_trainable=states.first_trainable)
+
+
 # ---------------------------------------------------------------------------------------------
 # On-disk cache
 

@@ -121,6 +121,7 @@ class Prepared:
     amp_dtype: torch.dtype | None
     cache: features.FeatureCache | None
     token_budget: int  # resolved: padded tokens per batch
+    cache_memory_gb: float  # resolved: the largest prefix cache, GiB
     cached: dict[tuple, object] = field(default_factory=dict)
 
 
@@ -188,6 +189,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         device=device, precision=precision, amp_dtype=amp_dtype,
         cache=features.FeatureCache() if cfg.cache else None,
         token_budget=cfg.token_budget or (8192 if device.type == "cuda" else 4096),
+        cache_memory_gb=cfg.cache_memory_gb or round(features.auto_cache_budget_gb(), 1),
     )
 
 
@@ -228,14 +230,16 @@ class Source:
             total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
             # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
             store = prep.amp_dtype or torch.float32
-            prefix_ok = features.supports_suffix(model) and features.fits(features.prefix_bytes(total, model.hidden_size, store), cfg.cache_memory_gb)
+            prefix_ok = features.supports_suffix(model) and features.fits(features.prefix_bytes(total, model.hidden_size, store), prep.cache_memory_gb)
             fallback_k = n_blocks - min(4, n_blocks)
 
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
-                return self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
+                states = self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
                     model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget, device=prep.device,
                     autocast_dtype=prep.amp_dtype, store_dtype=store))
+                prep.cached[("prefix", split, k)] = states = features.place_states(states, prep.device)
+                return states
 
             def pooled(split: str):
                 # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
@@ -256,7 +260,7 @@ class Source:
             else:
                 log.warning("no prefix cache (%s): running the full forward every epoch",
                             "architecture not supported" if not features.supports_suffix(model)
-                            else f"it would exceed cache_memory_gb={cfg.cache_memory_gb}")
+                            else f"it would exceed cache_memory_gb={prep.cache_memory_gb:g}")
         log.info("attempt %s: batches from %s", attempt.name, self.mode)
 
     def _cached(self, name: tuple, key_parts: dict, compute):
@@ -625,6 +629,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
     client = MlflowClient()
     params = cfg.params()
     params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
+                   "cache_memory_gb_resolved": prep.cache_memory_gb,
                    "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
                    "selection_metric": _selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),

@@ -7,6 +7,7 @@ Offline: a tiny random Qwen2 and BERT are written to temp folders, MiniLM comes 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 
 from mycelium.features import (
     FeatureCache,
+    auto_cache_budget_gb,
+    available_ram_bytes,
     PrefixStates,
     cached_compute,
     compute_pooled,
@@ -298,3 +301,42 @@ def test_cached_compute(qwen, tmp_path, caplog):
     cached_compute(cache, ("pooled", "train"), {**parts, "revision": "r2"}, pooled)
     assert calls == ["pooled", "prefix", "pooled"]
     assert cached_compute(None, ("pooled", "val"), parts, lambda: torch.zeros(1)).shape == (1,)
+
+
+def test_auto_cache_budget_is_half_the_available_ram():
+    avail = available_ram_bytes()
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < avail <= total
+    # Two reads a moment apart differ by what other processes did meanwhile: allow 10%.
+    assert auto_cache_budget_gb() == pytest.approx(avail / 2 / (1 << 30), rel=0.1)
+
+
+def test_prefix_cache_obeys_the_memory_budget(tmp_path, monkeypatch, caplog):
+    """``cache_memory_gb=0`` (auto) caches the prefix of an unfrozen attempt; a budget smaller than
+    the states runs the full forward and says so; a negative one is refused by name."""
+    from mycelium.config import ConfigError, config_from_args
+    from mycelium.data.demo import write_demo_corpus
+    from mycelium.train import Attempt, Source, prepare
+
+    write_demo_corpus(str(tmp_path / "data"), files=2, per_file=100, seed=3, tasks=("c6",), progress=False)
+    monkeypatch.setenv("MYCELIUM_CACHE", str(tmp_path / "cache"))
+    attempt = Attempt(1, "unfreeze2", 2, "clipped", "ce", "seed recipe")
+
+    def source(budget: str) -> tuple[Source, object]:
+        cfg = config_from_args(["--data", str(tmp_path / "data" / "c6"), "--backbone", "minilm", "--max-length", "32",
+                                "--unfrozen-layers", "2", "--cache-memory-gb", budget, "--device", "cpu"], "c6")
+        prep = prepare(cfg)
+        return Source(prep, cfg, attempt), prep
+
+    caplog.set_level(logging.INFO, logger="mycelium.train")
+    src, prep = source("0")
+    assert prep.cache_memory_gb == pytest.approx(auto_cache_budget_gb(), rel=0.2) and prep.cache_memory_gb > 0
+    assert src.mode == "prefix" and src.train_x.first_trainable == len(transformer_blocks(prep.model.backbone)) - 2
+    # The states of ~160 training rows: hundreds of KiB; 1e-6 GiB (~1 KiB) is too small for them.
+    assert src.train_x.nbytes > 1e-6 * (1 << 30)
+    caplog.clear()
+    src, prep = source("1e-6")
+    assert src.mode == "tokens"
+    assert "it would exceed cache_memory_gb=1e-06" in caplog.text
+    with pytest.raises(ConfigError, match="cache_memory_gb"):
+        config_from_args(["--cache-memory-gb", "-1"], "c6").validate()
