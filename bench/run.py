@@ -273,6 +273,8 @@ def overhead_line(cfg: BenchConfig, runs: dict[str, list[dict]]) -> str | None:
 
 def breakdown_table(cfg: BenchConfig, runs: dict[str, list[dict]]) -> list[str]:
     """Per-phase seconds of each contender (median over repeats), process start and imports included."""
+    if not any("error" not in r for v in runs.values() for r in v):
+        return []
     lines = [f"**{cfg.name}** — where the time goes (seconds; exclusive, medians over repeats)", "",
              "| contender | phase | seconds | share |", "|---|---|---|---|"]
     for key in ("peer", "ours", "lower", "rerun"):
@@ -319,7 +321,7 @@ def tracking_call_ms(uri: str, n: int = 20) -> float:
     return 1e3 * statistics.median(times[2:])  # the first calls open the connection and warm the server
 
 
-def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -> tuple[str, str]:
+def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick, interrupted=()) -> tuple[str, str]:
     summ = summary_table(cfgs, sums, data_info) + [""] + runs_table(cfgs, sums)
     checks = []
     for cfg in cfgs:
@@ -328,6 +330,8 @@ def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick) -
     md = [
         "# Speed bench results" + (" (--quick smoke test: sizes too small to mean anything)" if quick else ""),
         "",
+        *([f"**Interrupted before the end**: {'; '.join(interrupted)}. The tables hold only "
+           "the runs that finished.", ""] if interrupted else []),
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
         f"{machine['memory_gib']} GiB RAM" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
         + f"; torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}. "
@@ -391,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--configs", default="", help="comma list of configuration names to run (default: all that apply)")
     p.add_argument("--contenders", default="peer,ours,lower",
-                   help="comma list of contenders to run (default all three: peer,ours,lower); fewer for a quick look")
+                   help="comma list of contenders, run in this order (default all three: peer,ours,lower); fewer for a "
+                        "quick look, or ours,lower,peer where a time limit may cut the slow peer off")
     p.add_argument("--repeats", type=int, default=1, help="rounds of peer/ours/lower per configuration (medians reported)")
     p.add_argument("--rerun", default="c4-minilm",
                    help="configurations (comma list, 'all' or 'none') that also rerun ours on its warm feature cache "
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import torch
 
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    contenders = list(dict.fromkeys(c.strip() for c in args.contenders.split(",") if c.strip()))  # in order, once each
     if not contenders or set(contenders) - {"peer", "ours", "lower"}:
         p.error(f"--contenders: a comma list of peer, ours, lower; got {args.contenders!r}")
     cuda = torch.cuda.is_available()
@@ -454,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"MLflow REST call on a kept-alive connection: median {machine['mlflow_call_ms']:.1f} ms")
 
     runs: dict[str, dict[str, list[dict]]] = {}
-    sums: dict[str, dict] = {}
+    interrupted: list[str] = []  # what a Ctrl-C / SIGTERM (a time limit) cut off, with its seconds
     data_info: dict[str, dict] = {}
     models: dict[str, str] = {}
     built: dict[str, str] = {}
@@ -481,12 +486,18 @@ def main(argv: list[str] | None = None) -> int:
             runs[cfg.name] = {"peer": [], "ours": [], "lower": [], "rerun": []}
             for rep in range(args.repeats):
                 ours_cache = work / "cache" / f"{cfg.name}-ours-{rep}"
-                for contender in [c for c in ("peer", "ours", "lower") if c in contenders]:
+                for contender in contenders:
                     cache = ours_cache if contender == "ours" else work / "cache" / f"{cfg.name}-{contender}-{rep}"
                     tag = f"{contender}-{rep}"
                     job = make_job(cfg, contender, data, backbone, work, cache, tag, args.profile and contender == "ours")
                     log(f"   {cfg.name} round {rep + 1}/{args.repeats}: {LABELS[contender]} ...")
-                    res = spawn(job, child_env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+                    t_start = time.perf_counter()
+                    try:
+                        res = spawn(job, child_env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+                    except (KeyboardInterrupt, SystemExit):
+                        interrupted.append(f"{LABELS[contender]} on {cfg.name} had run "
+                                           f"{time.perf_counter() - t_start:.0f} s without finishing")
+                        raise
                     runs[cfg.name][contender].append(res)
                     if "error" not in res:
                         extra = f", {metric_text(res)}" if "metrics" in res else ""
@@ -502,13 +513,19 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"   {LABELS['rerun']}: {res['wall_seconds']:.1f} s, feature cache hits {res['cache_hits']}, "
                             f"misses {res['cache_misses']}, backbone pass "
                             f"{res['phases'].get('backbone pass (pooled features / prefix states)', 0.0):.2f} s")
-            sums[cfg.name] = summarize(cfg, runs[cfg.name])
+    except (KeyboardInterrupt, SystemExit):
+        # A time limit (SIGTERM) or Ctrl-C: report what finished instead of losing it.
+        if not interrupted:
+            interrupted.append(f"stopped {time.perf_counter() - started:.0f} s into the bench, between runs")
+        log("interrupted: " + "; ".join(interrupted) + "; reporting what finished")
     finally:
         log("stopping the embedded stack")
         stack_mod.down(stack_cfg, log=lambda *a: None)
+    sums = {cfg.name: summarize(cfg, runs[cfg.name]) for cfg in cfgs if cfg.name in runs}
+    cfgs = [cfg for cfg in cfgs if cfg.name in runs]
 
     total = time.perf_counter() - started
-    table, md = render(cfgs, sums, runs, data_info, machine, models, total, args.quick)
+    table, md = render(cfgs, sums, runs, data_info, machine, models, total, args.quick, interrupted)
     print()
     print(table)
     print()
@@ -534,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     failed = [r for c in runs.values() for v in c.values() for r in v if "error" in r]
-    return 1 if failed else 0
+    if interrupted:
+        print("INTERRUPTED: " + "; ".join(interrupted))
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":
