@@ -235,11 +235,9 @@ class Source:
 
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
-                states = self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
+                return self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
                     model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget, device=prep.device,
                     autocast_dtype=prep.amp_dtype, store_dtype=store))
-                prep.cached[("prefix", split, k)] = states = features.place_states(states, prep.device)
-                return states
 
             def pooled(split: str):
                 # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
@@ -267,6 +265,8 @@ class Source:
         if name in self.prep.cached:
             return self.prep.cached[name]
         value = features.cached_compute(self.prep.cache, name, key_parts, compute)
+        if isinstance(value, features.PrefixStates):  # computed or read from disk: on the GPU if it fits there
+            value = features.place_states(value, self.prep.device)
         self.prep.cached[name] = value
         return value
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from mycelium.features import (
     FeatureCache,
+    PrefixStates,
     auto_cache_budget_gb,
     available_ram_bytes,
-    PrefixStates,
     cached_compute,
     compute_pooled,
     compute_prefix,
