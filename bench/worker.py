@@ -34,6 +34,8 @@ from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The mycelium next to this bench, not whichever copy is installed: a bench measures its own checkout.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from common import Job, own_cpu_seconds, peak_rss_mib  # noqa: E402
 
 log = logging.getLogger("bench.worker")

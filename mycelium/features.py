@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mycelium.model import Classifier, _base, final_norm, pool, transformer_blocks
+from mycelium.model import Classifier, _base, final_norm, last_positions, pool, transformer_blocks
 from mycelium.text import length_buckets, pad_batch
 
 log = logging.getLogger("mycelium.features")
@@ -368,6 +368,32 @@ def _arch(model: Classifier) -> str:
     return "unsupported"
 
 
+def _standard_decoder_layer(model: Classifier, block: nn.Module) -> bool:
+    """The pre-norm decoder layer that Qwen2, Qwen3, Llama and Mistral share:
+    ``x + self_attn(input_layernorm(x))``, then ``+ mlp(post_attention_layernorm(.))``."""
+    return getattr(_base(model.backbone).config, "model_type", "") in _ROTARY_DECODERS and all(
+        isinstance(getattr(block, a, None), nn.Module) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+
+
+def _last_block_at_last_token(block: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, layer_mask,
+                              position_embeddings, position_ids: torch.Tensor) -> torch.Tensor:
+    """The last decoder block, computed only where ``last`` pooling reads it: ``[B, H]`` at each
+    row's last real token.
+
+    Attention still runs over every position (the last token's query reads all keys and values),
+    but nothing after it mixes positions, so the residual add, the second norm and the MLP run
+    on one token per row. The MLP is most of a block's work (about 85% of its matmuls at
+    Qwen2.5-0.5B's shape, 80% at the bench's hidden-128 CPU model, where four trainable blocks
+    then train about 15% faster), forward and backward, and the result is the same.
+    """
+    attn, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), attention_mask=layer_mask,
+                              position_ids=position_ids, past_key_values=None, position_embeddings=position_embeddings)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = last_positions(attention_mask)
+    x = hidden[rows, last] + attn[rows, last]
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
 def supports_suffix(model: Classifier) -> bool:
     """True when ``suffix_encode`` knows how to run the model's blocks on cached hidden states."""
     return _arch(model) != "unsupported"
@@ -385,7 +411,9 @@ def suffix_encode(
     building the attention mask and rotary position embeddings the way the backbone's own forward
     does, so the result equals ``model.encode(input_ids, attention_mask)``. Runs under the
     caller's grad mode and autocast: gradients reach the trainable blocks. With
-    ``first_trainable == num_blocks`` no block runs.
+    ``first_trainable == num_blocks`` no block runs. Under ``last`` pooling the last block of a
+    Qwen2-style decoder runs its MLP only at each row's last real token
+    (``_last_block_at_last_token``): the same features for about one block less work.
     """
     backbone = model.backbone
     base = _base(backbone)
@@ -416,7 +444,8 @@ def suffix_encode(
             if "sliding_attention" in layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
             position_embeddings = base.rotary_emb(hidden, position_ids)
-            for i in range(first_trainable, n):
+            pooled_tail = model.pooling == "last" and _standard_decoder_layer(model, blocks[n - 1])
+            for i in range(first_trainable, n - 1 if pooled_tail else n):
                 hidden = blocks[i](
                     hidden,
                     attention_mask=masks[layer_types[i]],
@@ -427,6 +456,11 @@ def suffix_encode(
                 )
                 if isinstance(hidden, tuple):  # older transformers returned (hidden, ...)
                     hidden = hidden[0]
+            if pooled_tail:
+                pooled = _last_block_at_last_token(blocks[n - 1], hidden, attention_mask, masks[layer_types[n - 1]],
+                                                   position_embeddings, position_ids)
+                norm = final_norm(backbone)
+                return norm(pooled) if norm is not None else pooled
         elif arch == "bert_encoder":
             from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 

@@ -219,6 +219,14 @@ def load_backbone(
 # Pooling
 
 
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of each row's last real token: the rightmost position whose mask is 1, so it
+    is right for left and right padding alike (an all-padding row gives 0)."""
+    B, T = attention_mask.shape
+    positions = torch.arange(T, device=attention_mask.device).expand(B, T)
+    return torch.where(attention_mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
     """``[B, T, H]`` hidden states -> ``[B, H]`` features.
 
@@ -228,10 +236,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch
     B, T, _ = hidden.shape
     mask = attention_mask.to(hidden.device)
     if kind == "last":
-        positions = torch.arange(T, device=hidden.device).expand(B, T)
-        # Rightmost position whose mask is 1; an all-padding row falls back to position 0.
-        last = torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
-        return hidden[torch.arange(B, device=hidden.device), last]
+        return hidden[torch.arange(B, device=hidden.device), last_positions(mask)]
     if kind == "mean":
         m = mask.to(torch.float32).unsqueeze(-1)
         summed = (hidden.to(torch.float32) * m).sum(dim=1)

@@ -153,6 +153,43 @@ def test_suffix_matches_encode_bert(which, cuts, request):
         torch.testing.assert_close(got, ref[order], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_block_runs_its_mlp_only_at_the_pooled_token(qwen, side):
+    """With ``last`` pooling the last block's MLP sees one row per input, not every position, and
+    features and gradients still equal the full forward's."""
+    model, tok, info, ids = qwen
+    assert model.pooling == "last"
+    blocks = transformer_blocks(model.backbone)
+    seen: list[tuple[int, ...]] = []
+    handle = blocks[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    apply_freezing(model.backbone, 2)
+    try:
+        model.train()
+        states = compute_prefix(model, ids, 2, pad_id=tok.pad_token_id, progress=False)
+        hidden, mask = states.batch(list(range(len(ids))), side)
+        seen.clear()
+        got = suffix_encode(model, hidden, mask, 2)
+        assert seen == [(len(ids), model.hidden_size)]
+        labels = torch.tensor([i % 3 for i in range(len(ids))])
+        F.cross_entropy(model.classify(got), labels).backward()
+        part = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        full = model.encode(*pad_batch(ids, tok.pad_token_id, side))
+        assert seen == [(len(ids), max(len(s) for s in ids), model.hidden_size)]  # the full forward: every position
+        torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+        F.cross_entropy(model.classify(full), labels).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(part[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert part["backbone.layers.3.mlp.down_proj.weight"].abs().sum() > 0
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.backbone.requires_grad_(False)
+        model.eval()
+
+
 def test_prefix_half_precision_and_verify(qwen):
     model, tok, _, ids = qwen
     states = compute_prefix(model, ids, 2, pad_id=tok.pad_token_id, store_dtype=torch.bfloat16, progress=False)
