@@ -157,7 +157,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
     os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
     import mlflow
 
-    from mycelium import features, plots, serving, tracking
+    from mycelium import features, figure_worker, serving, tracking
     from mycelium import train as train_mod
     from mycelium.config import config_from_args
     from mycelium.resume import ResumeState
@@ -203,7 +203,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
     w(train_mod, "evaluate", "validation pass per epoch")
     w(train_mod, "evaluate_predictions", "validation pass per epoch")
     w(train_mod, "log_epoch", "per-epoch tracking: metrics, confusion json, tags")
-    w(plots, "confusion_matrix_figure", "per-epoch tracking: confusion png (matplotlib)")
+    w(figure_worker, "png", "figures: waiting for the helper process to draw")
     w(train_mod, "upload_folder", "per-epoch tracking: confusion json + png upload")
     w(train_mod, "start_logged_model", "per-epoch checkpoint: create logged model")
     w(train_mod, "save_checkpoint", "per-epoch checkpoint: save safetensors")

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./]")
 
@@ -132,6 +131,9 @@ def evaluate_predictions(
         raise ValueError("no predictions to evaluate")
     if minority_label is not None and minority_label not in labels:
         raise ValueError(f"minority label {minority_label!r} is not one of {labels}")
+
+    # Imported here: the figure helper process reads this module's metric names without paying for sklearn.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     idx = list(range(k))
     precision, recall, f1, support = precision_recall_fscore_support(

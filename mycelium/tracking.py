@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -221,6 +223,15 @@ def with_retries(what: str, fn, attempts: int = 3, wait: float = 2.0):
             log.warning("%s failed (try %d of %d): %s", what, i + 1, attempts, e)
             time.sleep(wait * (i + 1))
     raise TrackingError(f"{what} failed after {attempts} tries: {last}") from last
+
+
+def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -> None:
+    """Log PNG bytes (e.g. from ``figure_worker.png``) as ``artifact_file`` of the run."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(png)
+        client.log_artifact(run_id, str(path), folder or None)
 
 
 def tag_version(model_name: str, version: str, tags: dict[str, object]) -> None:

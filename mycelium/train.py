@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import features, plots, tracking
+from . import features, figure_worker, tracking
 from .checkpoint import backbone_manifest, bundle_backbone, read_manifest, save_checkpoint
 from .config import TrainConfig
 from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
@@ -468,8 +468,8 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     (confusion / f"{stem}.json").write_text(json.dumps(
         {"labels": report.labels, "matrix": report.confusion, "epoch": ep.epoch, "collapsed": report.collapsed,
          "never_predicted": report.never_predicted, "zero_recall": report.zero_recall}, indent=2))
-    figure = plots.confusion_matrix_figure(report.confusion, report.labels, title=f"{cfg.task} {attempt.name} epoch {ep.epoch}")
-    figure.savefig(confusion / f"{stem}.png")
+    (confusion / f"{stem}.png").write_bytes(figure_worker.png(
+        "confusion_matrix", confusion=report.confusion, labels=report.labels, title=f"{cfg.task} {attempt.name} epoch {ep.epoch}"))
     tags = {
         "task": cfg.task, "epoch": ep.epoch, "run_id": run_id, "parent_run_id": parent_run_id, "attempt": attempt.name,
         "collapsed": str(report.collapsed).lower(), "data_fingerprint": prep.data.fingerprint, "selection_metric": metric,
@@ -516,10 +516,12 @@ def run(cfg: TrainConfig) -> RunResult:
         return _run(cfg)
     finally:
         sys.setswitchinterval(previous)
+        figure_worker.shutdown()
 
 
 def _run(cfg: TrainConfig) -> RunResult:
     cfg.validate()
+    figure_worker.start()  # its matplotlib import overlaps data loading
     tracking.preflight()
     prep = prepare(cfg)
     metric = _selection_metric(cfg)
@@ -646,7 +648,8 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
         metrics["data_skipped"] = float(prep.data.n_skipped)
     tracking.log_batch(client, run_id, metrics, 0, {})
     client.log_text(run_id, json.dumps({"counts": counts, "warnings": prep.split.warnings}, indent=2), "data/class_distribution.json")
-    client.log_figure(run_id, plots.class_distribution_figure(counts, title=f"{cfg.task} class distribution"), "data/class_distribution.png")
+    tracking.log_png(client, run_id, figure_worker.png("class_distribution", counts=counts, title=f"{cfg.task} class distribution"),
+                     "data/class_distribution.png")
     if prep.data.rejects:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "rejected_records.jsonl"
@@ -660,8 +663,9 @@ def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[Attempt
     attempts = {}
     for r in results:
         best = r.best(metric) or max(r.epochs, key=lambda e: e.report.metrics[metric])
-        attempts[f"{r.attempt.index}-{r.attempt.name}"] = best.report
-    MlflowClient().log_figure(run_id, plots.attempts_figure(attempts, prep.labels), "attempts_comparison.png")
+        attempts[f"{r.attempt.index}-{r.attempt.name}"] = best.report.metrics
+    tracking.log_png(MlflowClient(), run_id, figure_worker.png("attempts", attempts=attempts, labels=prep.labels),
+                     "attempts_comparison.png")
 
 
 def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: tracking.Decision, run_id: str) -> None:
@@ -674,7 +678,8 @@ def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, deci
         tags.update({"winner_attempt": f"{r.attempt.index}-{r.attempt.name}", "winner_run_id": r.run_id,
                      "winner_epoch": str(e.epoch), "winner_version": str(e.version)})
         metrics.update({f"best_{metric}": e.report.metrics[metric], "best_macro_f1": e.report.metrics["macro_f1"]})
-        tracking.tag_version(cfg.registered_model, e.version, tags)
+        # The version already carries its run, attempt and epoch (registration tags): it gets the decision only.
+        tracking.tag_version(cfg.registered_model, e.version, decision.as_tags())
     else:
         tags["winner_attempt"] = "none (all collapsed)"
     tracking.log_batch(MlflowClient(), run_id, metrics, 0, tags)

@@ -87,6 +87,13 @@ def test_mlflow_run_c4_registers_every_epoch_and_promotes_the_best(stack, corpus
     cm = json.loads(storage.read_bytes(f"s3://mycelium-data/models/{cm_key}"))
     assert cm["labels"] == ["NOT_BRIDGING", "BRIDGING"]
     assert sum(map(sum, cm["matrix"])) == int(parent.data.params["n_val"])
+    # The figures (drawn in the helper process) are PNG files: per epoch, and on the parent run.
+    png = b"\x89PNG\r\n\x1a\n"
+    assert storage.read_bytes(f"s3://mycelium-data/models/{cm_key[:-len('002.json')]}001.png")[:8] == png
+    parent_keys = [o.key for o in storage.list_objects("s3://mycelium-data/models/") if parent.info.run_id in o.key]
+    for name in ("data/class_distribution.png", "attempts_comparison.png"):
+        key = next(k for k in parent_keys if k.endswith(name))
+        assert storage.read_bytes(f"s3://mycelium-data/models/{key}")[:8] == png, name
     # Secrets never reach params or tags.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert all(secret not in str(v) for v in {**parent.data.params, **parent.data.tags}.values())
