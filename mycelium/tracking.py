@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -30,17 +31,24 @@ from mlflow.exceptions import MlflowException
 log = logging.getLogger("mycelium.tracking")
 
 CHAMPION = "champion"
-# Names that must never reach params, tags or artifacts, whatever a user passes.
-_SECRET_HINTS = ("secret", "password", "token", "access_key", "credential")
+# Names that must never reach params, tags or artifacts, whatever a user passes: any name containing
+# one of these, or ending in "token" (hf_token, MLFLOW_TRACKING_TOKEN; not token_budget).
+_SECRET_HINTS = ("secret", "password", "passwd", "access_key", "api_key", "credential")
 
 
 class TrackingError(RuntimeError):
     """The tracking server or artifact store is unusable; the message says what to check."""
 
 
+def looks_secret(name: str) -> bool:
+    """True for a parameter name that may hold a credential."""
+    key = name.lower()
+    return any(h in key for h in _SECRET_HINTS) or re.split(r"[^a-z0-9]+", key.strip("_-. "))[-1] in ("token", "tokens")
+
+
 def scrub(params: dict[str, str]) -> dict[str, str]:
     """Drop anything that looks like a credential before it is logged."""
-    return {k: v for k, v in params.items() if not any(h in k.lower() for h in _SECRET_HINTS)}
+    return {k: v for k, v in params.items() if not looks_secret(k)}
 
 
 def preflight(timeout: float = 10.0) -> str:

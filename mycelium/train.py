@@ -120,7 +120,8 @@ class Prepared:
     precision: str
     amp_dtype: torch.dtype | None
     cache: features.FeatureCache | None
-    token_budget: int  # resolved: padded tokens per batch
+    token_budget: int  # resolved: padded tokens per training batch
+    pass_budget: int  # resolved: padded tokens per batch of the no-grad backbone passes (features, prefix states)
     cache_memory_gb: float  # resolved: the largest prefix cache, GiB
     cached: dict[tuple, object] = field(default_factory=dict)
 
@@ -189,6 +190,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         device=device, precision=precision, amp_dtype=amp_dtype,
         cache=features.FeatureCache() if cfg.cache else None,
         token_budget=cfg.token_budget or (8192 if device.type == "cuda" else 4096),
+        pass_budget=cfg.token_budget or (8192 if device.type == "cuda" else 2048),
         cache_memory_gb=cfg.cache_memory_gb or round(features.auto_cache_budget_gb(), 1),
     )
 
@@ -236,16 +238,16 @@ class Source:
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
                 return self._cached(("prefix", split, k), key_parts, lambda: features.compute_prefix(
-                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget, device=prep.device,
+                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
                     autocast_dtype=prep.amp_dtype, store_dtype=store))
 
             def pooled(split: str):
                 # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
                 if prefix_ok and "unfreeze" in cfg.fallback_steps():
-                    return features.pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=prep.token_budget,
+                    return features.pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=prep.pass_budget,
                                                        device=prep.device, autocast_dtype=prep.amp_dtype)
                 ids = prep.train_ids if split == "train" else prep.val_ids
-                return features.compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=prep.token_budget,
+                return features.compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
                                                device=prep.device, autocast_dtype=prep.amp_dtype)
 
             if attempt.unfrozen_layers == 0:
@@ -631,6 +633,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
     client = MlflowClient()
     params = cfg.params()
     params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
+                   "pass_token_budget_resolved": prep.pass_budget,
                    "cache_memory_gb_resolved": prep.cache_memory_gb,
                    "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),

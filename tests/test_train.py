@@ -71,6 +71,8 @@ def test_mlflow_run_c4_registers_every_epoch_and_promotes_the_best(stack, corpus
     parent = client.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["winner_version"] == champion.version
     assert parent.data.params["precision_resolved"] == "fp32"
+    # CPU auto budgets: whole training batches (32 x 128 tokens), the faster 2048 for the backbone pass.
+    assert (parent.data.params["token_budget_resolved"], parent.data.params["pass_token_budget_resolved"]) == ("4096", "2048")
     assert float(parent.data.metrics["train_count_BRIDGING"]) > 0
     history = client.get_metric_history(child.info.run_id, "val_minority_f1")
     assert [m.step for m in history] == [1, 2, 3]
