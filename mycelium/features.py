@@ -426,6 +426,7 @@ def suffix_encode(
     attention_mask = attention_mask.to(device)
     arch = _arch(model)
     config = base.config
+    pooled_tail = False  # the last block already left one row per input (``last`` pooling)
 
     if first_trainable < n:
         if arch == "rotary_decoder":
@@ -457,10 +458,8 @@ def suffix_encode(
                 if isinstance(hidden, tuple):  # older transformers returned (hidden, ...)
                     hidden = hidden[0]
             if pooled_tail:
-                pooled = _last_block_at_last_token(blocks[n - 1], hidden, attention_mask, masks[layer_types[n - 1]],
+                hidden = _last_block_at_last_token(blocks[n - 1], hidden, attention_mask, masks[layer_types[n - 1]],
                                                    position_embeddings, position_ids)
-                norm = final_norm(backbone)
-                return norm(pooled) if norm is not None else pooled
         elif arch == "bert_encoder":
             from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
@@ -483,7 +482,7 @@ def suffix_encode(
     norm = final_norm(backbone)
     if norm is not None:
         hidden = norm(hidden)
-    return pool(hidden, attention_mask, model.pooling)
+    return hidden if pooled_tail else pool(hidden, attention_mask, model.pooling)
 
 
 def verify_suffix(

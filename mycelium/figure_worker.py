@@ -55,9 +55,12 @@ class FigureWorker:
         self._lock = threading.Lock()
         self._broken = False
 
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        return self._proc.pid if self._alive() else None
 
     def _start(self) -> subprocess.Popen:
         # The helper imports this package from where this process found it (a checkout need not be installed).
@@ -69,7 +72,7 @@ class FigureWorker:
     def start(self) -> None:
         """Start the helper now (it imports matplotlib while the caller goes on); idempotent."""
         with self._lock:
-            if not self._broken and (self._proc is None or self._proc.poll() is not None):
+            if not self._broken and not self._alive():
                 try:
                     self._proc = self._start()
                 except OSError as e:
@@ -82,7 +85,7 @@ class FigureWorker:
         with self._lock:
             if not self._broken:
                 try:
-                    if self._proc is None or self._proc.poll() is not None:
+                    if not self._alive():
                         self._proc = self._start()
                     self._proc.stdin.write(struct.pack(">I", len(payload)) + payload)
                     self._proc.stdin.flush()
