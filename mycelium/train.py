@@ -302,17 +302,20 @@ class Source:
 
 def evaluate(source: Source, loss_fn, prep: Prepared) -> tuple[np.ndarray, float]:
     """Class probabilities for the validation split (original order) and the validation loss."""
-    model = prep.model
-    model.eval()
+    prep.model.eval()
     probs = torch.empty(len(prep.val_ids), len(prep.labels))
-    total, n = 0.0, 0
-    with torch.inference_mode(), torch.autocast(prep.device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
-        for idx in source.batches("val", None):
+
+    def run(idx: list[int]) -> tuple[float, int]:
+        with torch.inference_mode(), torch.autocast(prep.device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
             logits = source.logits("val", idx).float()
-            y = prep.y_val[idx].to(prep.device)
-            total += loss_fn(logits, y).item() * len(idx)
-            n += len(idx)
+            loss = loss_fn(logits, prep.y_val[idx].to(prep.device)).item()
             probs[idx] = torch.softmax(logits, dim=-1).cpu()
+        return loss * len(idx), len(idx)
+
+    total, n = 0.0, 0
+    for loss_sum, rows in features.for_each_batch(source.batches("val", None), run, prep.device):
+        total += loss_sum
+        n += rows
     return probs.numpy(), total / max(n, 1)
 
 

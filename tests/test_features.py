@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from mycelium.features import (
     compute_prefix,
     default_cache_root,
     fits,
+    for_each_batch,
     prefix_bytes,
     suffix_encode,
     supports_suffix,
@@ -112,6 +114,54 @@ def test_compute_pooled_keeps_modes_and_rejects_empty(qwen):
         model.eval()
     with pytest.raises(ValueError, match="no tokens"):
         compute_pooled(model, [ids[0], []], pad_id=tok.pad_token_id, progress=False)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (the CI machine may have another count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_batches_run_two_at_a_time_with_half_the_threads(two_threads):
+    # Both batches must be inside fn at once to pass the barrier: run one after the other, they would time out.
+    barrier = threading.Barrier(2, timeout=20)
+    seen = []
+
+    def fn(batch):
+        barrier.wait()
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return sum(batch)
+
+    assert list(for_each_batch([[1, 2], [3]], fn, torch.device("cpu"))) == [3, 3]
+    assert len({ident for ident, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    assert torch.get_num_threads() == 2
+    # Results keep the batch order; an error in one batch reaches the caller and the threads come back.
+    assert list(for_each_batch([[i] for i in range(7)], lambda b: b[0] * 10, torch.device("cpu"))) == [0, 10, 20, 30, 40, 50, 60]
+
+    def bad(batch):
+        if batch == [3]:
+            raise ValueError("batch 3 broke")
+        return batch
+
+    with pytest.raises(ValueError, match="batch 3 broke"):
+        list(for_each_batch([[i] for i in range(7)], bad, torch.device("cpu")))
+    assert torch.get_num_threads() == 2
+    # One thread: the caller's thread runs every batch.
+    torch.set_num_threads(1)
+    assert list(for_each_batch([[1], [2]], lambda b: threading.get_ident(), torch.device("cpu"))) == [threading.get_ident()] * 2
+
+
+def test_two_batches_at_a_time_give_the_one_at_a_time_results(qwen, two_threads):
+    model, tok, _, ids = qwen
+    kw = dict(pad_id=tok.pad_token_id, pad_side="left", token_budget=64, progress=False)
+    pooled2, prefix2 = compute_pooled(model, ids, **kw), compute_prefix(model, ids, 2, **kw)
+    torch.set_num_threads(1)
+    pooled1, prefix1 = compute_pooled(model, ids, **kw), compute_prefix(model, ids, 2, **kw)
+    torch.testing.assert_close(pooled2, pooled1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(prefix2.hidden, prefix1.hidden, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
