@@ -152,6 +152,40 @@ def make_job(cfg: BenchConfig, contender: str, data: str, backbone: str, work: P
     )
 
 
+def remeasure(again: list[tuple], runs: dict, set_aside: list[str], args, started: float, work: Path, env: dict,
+              services: list[int]) -> None:
+    """Measure each disturbed run once more (any contender, in the order they happened) while the
+    bench can still end within ``--minutes``; of the two samples the one with less load from other
+    processes counts in the tables, and ``set_aside`` says which and why.
+
+    On a shared machine another job's burst lands on one contender's run and moves its ratio by
+    more than any change in the code does; a measurement it spoiled is taken again rather than
+    kept. Ours measured again starts from an empty feature cache, like the first time."""
+    for cfg, contender, rep, data, backbone, first in again:
+        label = f"{LABELS[contender]} on {cfg.name}: {first['wall_seconds']:.1f} s with other processes keeping " \
+                f"{first['others_cores']:.2f} cores busy"
+        left = args.minutes * 60 - (time.perf_counter() - started)
+        if first["wall_seconds"] * 1.15 > left:  # its own time again, with a margin
+            set_aside.append(f"{label}; kept: no time left to measure it again")
+            log(f"   {label}: no time left to measure it again ({left:.0f} s left)")
+            continue
+        tag = f"{contender}-{rep}-again"
+        job = make_job(cfg, contender, data, backbone, work, work / "cache" / f"{cfg.name}-{tag}", tag, False)
+        log(f"   {cfg.name}: {LABELS[contender]} again (the first run was disturbed) ...")
+        res = spawn(job, env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+        if "error" in res:
+            set_aside.append(f"{label}; kept: measuring it again failed ({res['error']})")
+            continue
+        second = f"a second run: {res['wall_seconds']:.1f} s ({res['others_cores']:.2f} cores busy)"
+        if res["others_cores"] < first["others_cores"]:  # the less disturbed sample counts, whichever is faster
+            samples = runs[cfg.name][contender]
+            samples[samples.index(first)] = res
+            set_aside.append(f"{label}; replaced by {second}")
+        else:
+            set_aside.append(f"{label}; kept: {second} was disturbed as much")
+        log(f"   {LABELS[contender]} again: {res['wall_seconds']:.1f} s ({res['others_cores']:.2f} cores busy elsewhere)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
@@ -321,7 +355,7 @@ def tracking_call_ms(uri: str, n: int = 20) -> float:
     return 1e3 * statistics.median(times[2:])  # the first calls open the connection and warm the server
 
 
-def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick, interrupted=()) -> tuple[str, str]:
+def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick, interrupted=(), set_aside=(), disturbed=0.0) -> tuple[str, str]:
     summ = summary_table(cfgs, sums, data_info) + [""] + runs_table(cfgs, sums)
     checks = []
     for cfg in cfgs:
@@ -354,6 +388,8 @@ def render(cfgs, sums, runs, data_info, machine, models, total_seconds, quick, i
         "",
         *(checks or []),
         "",
+        *([f"Runs that other processes disturbed (over {disturbed:g} cores busy on average), measured again once at "
+           "the end while the time budget allowed:", "", *(f"- {line}" for line in set_aside), ""] if set_aside else []),
         f"Total bench wall time: {total_seconds / 60:.1f} min.",
         "",
         "## Where the time goes",
@@ -404,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply each configuration's data files by this factor (ours' fixed costs - imports, MLflow - "
                         "weigh less as data grows; the default sizes keep the whole bench under 15 minutes on 2 cores)")
+    p.add_argument("--disturbed", type=float, default=0.25,
+                   help="a run during which other processes kept more than this many cores busy on average is "
+                        "measured again at the end, once, when --minutes leaves time for it (any contender; both "
+                        "samples are reported; 0 turns it off)")
+    p.add_argument("--minutes", type=float, default=14.5,
+                   help="time budget for re-measuring disturbed runs: a run is measured again only if the bench "
+                        "still ends within this many minutes")
     p.add_argument("--profile", action="store_true", help="also cProfile ours (slower; dumps ours.prof in the work dir)")
     p.add_argument("--out", default="", help="markdown report (default bench/results.md; --quick: none)")
     p.add_argument("--workdir", default="", help="scratch folder (default: a new temp folder, removed at the end)")
@@ -463,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     data_info: dict[str, dict] = {}
     models: dict[str, str] = {}
     built: dict[str, str] = {}
+    # Runs other processes disturbed, measured again after the rest; what each became.
+    again: list[tuple] = []
+    set_aside: list[str] = []
     try:
         for cfg in cfgs:
             log(f"== {cfg.name}: {cfg.title}; data {cfg.files} files x {cfg.per_file} per file, {cfg.epochs} epochs")
@@ -504,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"   {LABELS[contender]}: {res['wall_seconds']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}")
                         if contender == "peer":
                             data_info[cfg.name] = {"n_train": res.get("n_train"), "n_val": res.get("n_val")}
+                        if args.disturbed and res["others_cores"] > args.disturbed:
+                            log(f"   disturbed: other processes kept {res['others_cores']:.2f} cores busy; "
+                                "measured again at the end if time allows")
+                            again.append((cfg, contender, rep, data, backbone, res))
                 if (args.rerun == "all" or cfg.name in args.rerun.split(",")) and rep == args.repeats - 1:
                     job = make_job(cfg, "ours", data, backbone, work, ours_cache, f"rerun-{rep}", False)
                     log(f"   {cfg.name}: {LABELS['rerun']} ...")
@@ -513,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"   {LABELS['rerun']}: {res['wall_seconds']:.1f} s, feature cache hits {res['cache_hits']}, "
                             f"misses {res['cache_misses']}, backbone pass "
                             f"{res['phases'].get('backbone pass (pooled features / prefix states)', 0.0):.2f} s")
+        remeasure(again, runs, set_aside, args, started, work, child_env, services)
     except (KeyboardInterrupt, SystemExit):
         # A time limit (SIGTERM) or Ctrl-C: report what finished instead of losing it.
         if not interrupted:
@@ -525,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = [cfg for cfg in cfgs if cfg.name in runs]
 
     total = time.perf_counter() - started
-    table, md = render(cfgs, sums, runs, data_info, machine, models, total, args.quick, interrupted)
+    table, md = render(cfgs, sums, runs, data_info, machine, models, total, args.quick, interrupted, set_aside, args.disturbed)
     print()
     print(table)
     print()
@@ -533,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         for text, ok in sums.get(cfg.name, {}).get("checks", []):
             print(f"{cfg.name}: {text}: {'met' if ok else 'NOT met'}")
     print()
+    for line in set_aside:
+        print(f"disturbed: {line}")
     for cfg in cfgs:
         if cfg.name in runs:
             print("\n".join(breakdown_table(cfg, runs[cfg.name])))
