@@ -152,8 +152,8 @@ def make_job(cfg: BenchConfig, contender: str, data: str, backbone: str, work: P
     )
 
 
-def remeasure(again: list[tuple], runs: dict, set_aside: list[str], args, started: float, work: Path, env: dict,
-              services: list[int]) -> None:
+def remeasure(again: list[tuple], runs: dict, set_aside: list[str], interrupted: list[str], args, started: float,
+              work: Path, env: dict, services: list[int]) -> None:
     """Measure each disturbed run once more (any contender, in the order they happened) while the
     bench can still end within ``--minutes``; of the two samples the one with less load from other
     processes counts in the tables, and ``set_aside`` says which and why.
@@ -172,7 +172,14 @@ def remeasure(again: list[tuple], runs: dict, set_aside: list[str], args, starte
         tag = f"{contender}-{rep}-again"
         job = make_job(cfg, contender, data, backbone, work, work / "cache" / f"{cfg.name}-{tag}", tag, False)
         log(f"   {cfg.name}: {LABELS[contender]} again (the first run was disturbed) ...")
-        res = spawn(job, env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+        t_start = time.perf_counter()
+        try:
+            res = spawn(job, env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+        except (KeyboardInterrupt, SystemExit):
+            interrupted.append(f"{LABELS[contender]} on {cfg.name}, measured again, had run "
+                               f"{time.perf_counter() - t_start:.0f} s without finishing")
+            set_aside.append(f"{label}; kept: measuring it again was interrupted")
+            raise
         if "error" in res:
             set_aside.append(f"{label}; kept: measuring it again failed ({res['error']})")
             continue
@@ -563,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"   {LABELS['rerun']}: {res['wall_seconds']:.1f} s, feature cache hits {res['cache_hits']}, "
                             f"misses {res['cache_misses']}, backbone pass "
                             f"{res['phases'].get('backbone pass (pooled features / prefix states)', 0.0):.2f} s")
-        remeasure(again, runs, set_aside, args, started, work, child_env, services)
+        remeasure(again, runs, set_aside, interrupted, args, started, work, child_env, services)
     except (KeyboardInterrupt, SystemExit):
         # A time limit (SIGTERM) or Ctrl-C: report what finished instead of losing it.
         if not interrupted:
