@@ -134,6 +134,16 @@ def spawn(job: Job, env: dict, logfile: Path, services: list[int]) -> dict:
     return result
 
 
+def spawn_noting_interrupt(what: str, interrupted: list[str], job: Job, env: dict, logfile: Path, services: list[int]) -> dict:
+    """``spawn``; a Ctrl-C or time limit meanwhile is noted in ``interrupted`` (``what`` had run N s) and re-raised."""
+    t_start = time.perf_counter()
+    try:
+        return spawn(job, env, logfile, services)
+    except (KeyboardInterrupt, SystemExit):
+        interrupted.append(f"{what} had run {time.perf_counter() - t_start:.0f} s without finishing")
+        raise
+
+
 def make_job(cfg: BenchConfig, contender: str, data: str, backbone: str, work: Path, cache: Path, tag: str,
              profile: bool) -> Job:
     from mycelium.config import task_defaults
@@ -172,12 +182,10 @@ def remeasure(again: list[tuple], runs: dict, set_aside: list[str], interrupted:
         tag = f"{contender}-{rep}-again"
         job = make_job(cfg, contender, data, backbone, work, work / "cache" / f"{cfg.name}-{tag}", tag, False)
         log(f"   {cfg.name}: {LABELS[contender]} again (the first run was disturbed) ...")
-        t_start = time.perf_counter()
         try:
-            res = spawn(job, env, work / "logs" / f"{cfg.name}-{tag}.log", services)
+            res = spawn_noting_interrupt(f"{LABELS[contender]} on {cfg.name}, measured again,", interrupted, job, env,
+                                         work / "logs" / f"{cfg.name}-{tag}.log", services)
         except (KeyboardInterrupt, SystemExit):
-            interrupted.append(f"{LABELS[contender]} on {cfg.name}, measured again, had run "
-                               f"{time.perf_counter() - t_start:.0f} s without finishing")
             set_aside.append(f"{label}; kept: measuring it again was interrupted")
             raise
         if "error" in res:
@@ -544,13 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                     tag = f"{contender}-{rep}"
                     job = make_job(cfg, contender, data, backbone, work, cache, tag, args.profile and contender == "ours")
                     log(f"   {cfg.name} round {rep + 1}/{args.repeats}: {LABELS[contender]} ...")
-                    t_start = time.perf_counter()
-                    try:
-                        res = spawn(job, child_env, work / "logs" / f"{cfg.name}-{tag}.log", services)
-                    except (KeyboardInterrupt, SystemExit):
-                        interrupted.append(f"{LABELS[contender]} on {cfg.name} had run "
-                                           f"{time.perf_counter() - t_start:.0f} s without finishing")
-                        raise
+                    res = spawn_noting_interrupt(f"{LABELS[contender]} on {cfg.name}", interrupted, job, child_env,
+                                                 work / "logs" / f"{cfg.name}-{tag}.log", services)
                     runs[cfg.name][contender].append(res)
                     if "error" not in res:
                         extra = f", {metric_text(res)}" if "metrics" in res else ""

@@ -31,7 +31,6 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from collections import defaultdict  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -424,6 +423,7 @@ def run_peer(job: Job, stamps: dict) -> dict:
 def run_lower(job: Job, stamps: dict) -> dict:
     import torch
 
+    from mycelium.features import for_each_batch
     from mycelium.model import Classifier, load_backbone
 
     stamps["imports_done"] = time.time()
@@ -467,17 +467,10 @@ def run_lower(job: Job, stamps: dict) -> dict:
             model.encode(input_ids.to(device), mask.to(device))
         return int(mask.sum()), longest * len(batch)
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and threads >= 2:
-        # The lower bound gets ours' CPU schedule too (two batches at a time, half the intra-op
-        # threads each, ~10% faster than one batch on all of them on 2 cores): a bound ours could
-        # beat would not be a bound.
-        torch.set_num_threads(threads // 2)
-        with ThreadPoolExecutor(2) as pool:
-            counts = list(pool.map(forward, batches))
-        torch.set_num_threads(threads)
-    else:
-        counts = [forward(b) for b in batches]
+    # The lower bound gets ours' CPU schedule too (two batches at a time, half the intra-op
+    # threads each, ~10% faster than one batch on all of them on 2 cores): a bound ours could
+    # beat would not be a bound. On a GPU, one batch after another.
+    counts = list(for_each_batch(batches, forward, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     real, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
