@@ -397,15 +397,17 @@ class TaskModel:
             raise InvalidInputError(str(e)) from None
 
     def predict(self, records, batch_size: int | None = None) -> list[Prediction]:
-        """One ``Prediction`` per record, in order: the argmax label and every class probability."""
-        return to_predictions(self.predict_proba(records, batch_size), self.labels)
+        """One ``Prediction`` per record, in order: the label (the checkpoint's decision threshold
+        for binary tasks, else argmax) and every class probability."""
+        return to_predictions(self.predict_proba(records, batch_size), self.labels, self.manifest.get("threshold"))
 
 
-def to_predictions(probs: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
-    out = []
-    for row in np.asarray(probs, dtype=np.float64):
-        out.append(Prediction(labels[int(row.argmax())], {label: float(p) for label, p in zip(labels, row)}))
-    return out
+def to_predictions(probs: np.ndarray, labels: Sequence[str], threshold: dict | None = None) -> list[Prediction]:
+    from mycelium import threshold as decision
+
+    probs = np.asarray(probs, dtype=np.float64)
+    return [Prediction(labels[int(i)], {label: float(p) for label, p in zip(labels, row)})
+            for i, row in zip(decision.predict(probs, labels, threshold), probs)]
 
 
 # ---------------------------------------------------------------------------------------------

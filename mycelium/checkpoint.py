@@ -22,7 +22,9 @@ filled in by ``save_checkpoint``::
     input_fields*    [str, ...]  record fields joined in this order
     allow_empty      [str, ...]  input fields that may be ""; default: the task table's, else []
     separator*       str         joins the input fields (text.join_inputs)
+    context_fields   [str, ...]  input fields truncation cuts first (text.encode_rows); default []
     max_length*      int > 0     tokenizer truncation
+    threshold        {label, value} | null   binary decision rule (mycelium.threshold); null = argmax
     backbone*        {name, revision, architecture, pooling, hidden_size,
                       num_blocks (filled), source (filled: hub | alias | local)}
     n_unfrozen*      int >= 0    last blocks trained (+ final norm); must match the saved tensors
@@ -175,6 +177,18 @@ def validate_manifest(manifest: dict, *, complete: bool = True) -> dict:
         if unknown:
             raise _err("allow_empty", f"names fields that are not input fields: {unknown!r}")
         m["allow_empty"] = list(allow)
+    context = m.get("context_fields", [])
+    if not isinstance(context, (list, tuple)) or any(f not in m["input_fields"] for f in context):
+        raise _err("context_fields", f"must be a list of input fields, got {context!r}")
+    m["context_fields"] = list(context)
+    t = m.get("threshold")
+    if t is not None:
+        if not isinstance(t, dict) or t.get("label") not in m["labels"] or len(m["labels"]) != 2:
+            raise _err("threshold", f"must be null or {{label: one of two labels, value}}, got {t!r}")
+        value = t.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise _err("threshold.value", f"must be a probability in [0, 1], got {value!r}")
+        m["threshold"] = {"label": t["label"], "value": float(value)}
     if not isinstance(m["separator"], str):
         raise _err("separator", f"must be a string, got {m['separator']!r}")
     m["max_length"] = _int(m["max_length"], "max_length", 1)
@@ -596,8 +610,8 @@ def predict_proba(
     """Class probabilities ``[N, k]`` (float32, columns in ``manifest["labels"]`` order) for raw rows.
 
     Each row holds the values of ``manifest["input_fields"]`` in order; rows are joined and
-    tokenized exactly as in training (``mycelium.text``), sorted by length so batches pad little,
-    and returned in the original order.
+    tokenized exactly as in training (``mycelium.text.encode_rows``), sorted by length so batches
+    pad little, and returned in the original order. Labels come from ``mycelium.threshold.predict``.
     """
     k = len(manifest["labels"])
     n_fields = len(manifest["input_fields"])
@@ -607,8 +621,8 @@ def predict_proba(
         if len(row) != n_fields:
             fields = ", ".join(manifest["input_fields"])
             raise ValueError(f"row {i} has {len(row)} values, expected {n_fields} ({fields})")
-    texts = [text.join_inputs(row, manifest["separator"]) for row in rows]
-    ids = text.tokenize(tokenizer, texts, manifest["max_length"])
+    ids = text.encode_rows(tokenizer, rows, manifest["input_fields"], manifest["separator"], manifest["max_length"],
+                           manifest.get("context_fields", ()))
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"rows {empty[:10]} tokenize to no tokens")

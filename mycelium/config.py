@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from .tasks import TaskSpec, get_task
 
 DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
-WEIGHT_SCHEMES = ("none", "balanced", "clipped", "sqrt_inv", "explicit")
-LOSSES = ("ce", "focal")
+from .losses import LOSSES, WEIGHT_SCHEMES
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
+INPUT_FIELDS = ("problem", "step_i", "step_j")  # the record fields a model can read (data contract)
+POOLINGS = ("auto", "last", "mean")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -38,8 +41,21 @@ class TrainConfig:
     class_weights: str = "balanced"
     weight_clip: float = 5.0
     explicit_weights: str = ""  # "1.0,19.2" in label order, with class_weights=explicit
+    cb_beta: float = 0.999  # class_weights=effective: beta of the effective number (1 - beta^n) / (1 - beta)
     loss: str = "ce"
     focal_gamma: float = 2.0
+    la_tau: float = 1.0  # loss=logit_adjusted: logits + tau * log(prior) during training
+    # Record fields the model reads, comma-separated, in order (e.g. problem,step_i,step_j);
+    # "" = the task's default. Truncation cuts context fields (problem) first, steps stay whole.
+    inputs: str = ""
+    pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
+    # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
+    # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
+    threshold: str = "auto"
+    lr_schedule: str = "constant"  # constant | linear | cosine (transformers' schedulers, per step)
+    warmup_ratio: float = 0.0  # share of an attempt's steps with a linear warmup
+    early_stopping: int = 0  # stop an attempt after this many epochs without a better selection metric; 0 = off
+    min_metric: float = 0.0  # a version below this selection metric never takes the champion alias; 0 = off
     precision: str = "auto"
     num_workers: int = 4
     max_length: int = 128
@@ -71,6 +87,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.spec = self.spec or get_task(self.task)
+        if self.inputs:
+            # The chosen composition becomes the spec's: loading, fingerprint and manifest follow it.
+            fields = tuple(f.strip() for f in self.inputs.split(",") if f.strip())
+            self.spec = dataclasses.replace(self.spec, input_fields=fields,
+                                            allow_empty=tuple(f for f in fields if f in self.spec.allow_empty or f in self.spec.context_fields))
         self.data = self.data or self.spec.data_prefix
         self.registered_model = self.registered_model or self.spec.registered_model
         self.experiment = self.experiment or self.registered_model
@@ -96,6 +117,34 @@ class TrainConfig:
             raise bad("weight_clip", "must be >= 1 (a multiple of the smallest class weight)")
         if self.loss not in LOSSES:
             raise bad("loss", f"choose one of {', '.join(LOSSES)}")
+        if not 0 < self.cb_beta < 1:
+            raise bad("cb_beta", "must be in (0, 1), e.g. 0.999")
+        if self.la_tau < 0:
+            raise bad("la_tau", "must be >= 0 (1 = Menon et al.'s logit adjustment)")
+        fields = self.spec.input_fields
+        unknown = [f for f in fields if f not in INPUT_FIELDS]
+        if not fields or unknown or len(set(fields)) != len(fields):
+            raise bad("inputs", f"give distinct record fields from {', '.join(INPUT_FIELDS)}, comma-separated "
+                                f"(the seed's: {','.join(self.spec.seed_inputs)})")
+        if self.pooling not in POOLINGS:
+            raise bad("pooling", f"choose one of {', '.join(POOLINGS)}")
+        if self.threshold not in ("auto", "none"):
+            try:
+                value = float(self.threshold)
+            except ValueError:
+                value = -1.0
+            if not 0 < value < 1:
+                raise bad("threshold", "use auto (tuned on validation), none (argmax) or a probability in (0, 1)")
+        if self.threshold not in ("auto", "none") and self.spec.minority_label is None:
+            raise bad("threshold", f"a fixed threshold needs a binary task; {self.task} has no minority label (use auto or none)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1)")
+        if self.early_stopping < 0:
+            raise bad("early_stopping", "must be >= 0 (epochs without improvement; 0 = off)")
+        if not 0 <= self.min_metric <= 1:
+            raise bad("min_metric", "must be in [0, 1] (0 = no minimum)")
         if self.focal_gamma < 0:
             raise bad("focal_gamma", "must be >= 0")
         if self.precision not in PRECISIONS:

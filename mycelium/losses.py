@@ -9,6 +9,10 @@ The seed's three recipes map onto ``class_weights`` schemes:
 - C6 remedy ``sqrt_inv``: the square root of the balanced weights, i.e. proportional to
   sqrt(1 / frequency); the spread between classes is the square root of balanced's.
 - C6 remedy ``focal``: ``FocalLoss`` with gamma 2 (optionally on top of any weights).
+- ``effective``: class-balanced weights by the effective number of samples (Cui et al., CVPR
+  2019), ``(1 - beta) / (1 - beta^n)``: between ``none`` (beta -> 0) and ``balanced`` (beta -> 1).
+- ``logit_adjusted`` loss (Menon et al., ICLR 2021): cross-entropy on ``logits + tau * log(prior)``
+  during training; the served logits are the plain ones, so the prior is taken out at inference.
 
 Weights keep sklearn's scale (the majority class gets a weight below 1). The scale does not
 matter for training: the weighted mean is normalised by the sum of the target weights, as in
@@ -25,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
-WEIGHT_SCHEMES: tuple[str, ...] = ("none", "balanced", "clipped", "sqrt_inv", "explicit")
-LOSSES: tuple[str, ...] = ("ce", "focal")
+WEIGHT_SCHEMES: tuple[str, ...] = ("none", "balanced", "clipped", "sqrt_inv", "effective", "explicit")
+LOSSES: tuple[str, ...] = ("ce", "focal", "logit_adjusted")
 
 
 def class_counts(y_train: Sequence[int], n_classes: int) -> np.ndarray:
@@ -45,6 +49,7 @@ def class_weights(
     clip: float = 5.0,
     explicit: Sequence[float] | None = None,
     label_names: Sequence[str] | None = None,
+    beta: float = 0.999,
 ) -> np.ndarray:
     """Per-class loss weights (float64, length ``n_classes``) for the given scheme.
 
@@ -89,6 +94,11 @@ def class_weights(
         return balanced
     if scheme == "sqrt_inv":
         return np.sqrt(balanced)
+    if scheme == "effective":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"effective-number beta must be in (0, 1), got {beta}")
+        w = (1.0 - beta) / (1.0 - np.power(beta, counts.astype(np.float64)))
+        return w * n_classes / w.sum()  # Cui et al.'s normalisation: the weights sum to the class count
     # clipped: the seed's "no class gets more than 5x the base weight"; the base is the smallest
     # weight, i.e. the majority class's.
     if not clip >= 1.0:
@@ -128,10 +138,39 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, weighted={self.weight is not None}, reduction={self.reduction!r}"
 
 
-def make_loss(name: str, weight: torch.Tensor | None = None, gamma: float = 2.0) -> nn.Module:
-    """``ce`` -> ``nn.CrossEntropyLoss(weight)``; ``focal`` -> ``FocalLoss(weight, gamma)``."""
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted cross-entropy (Menon et al. 2021): ``CE(logits + tau * log(prior), y)``.
+
+    Only training sees the adjustment; evaluation and serving use the plain logits, which then
+    estimate the class-balanced posterior. ``train_mode`` is set by the caller's ``.train()``.
+    """
+
+    def __init__(self, prior: torch.Tensor, tau: float = 1.0, weight: torch.Tensor | None = None):
+        super().__init__()
+        if tau < 0:
+            raise ValueError(f"logit adjustment tau must be >= 0, got {tau}")
+        self.tau = float(tau)
+        self.register_buffer("log_prior", torch.log(prior.detach().clone().float().clamp_min(1e-12)))
+        self.register_buffer("weight", None if weight is None else weight.detach().clone().float())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        adjusted = logits.float() + self.tau * self.log_prior if self.training else logits.float()
+        return F.cross_entropy(adjusted, target, weight=self.weight)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, weighted={self.weight is not None}"
+
+
+def make_loss(name: str, weight: torch.Tensor | None = None, gamma: float = 2.0, prior: torch.Tensor | None = None,
+              tau: float = 1.0) -> nn.Module:
+    """``ce`` -> ``nn.CrossEntropyLoss(weight)``; ``focal`` -> ``FocalLoss(weight, gamma)``;
+    ``logit_adjusted`` -> ``LogitAdjustedLoss(prior, tau, weight)`` (``prior``: training class shares)."""
     if name == "ce":
         return nn.CrossEntropyLoss(weight=None if weight is None else weight.detach().clone().float())
     if name == "focal":
         return FocalLoss(weight=weight, gamma=gamma)
+    if name == "logit_adjusted":
+        if prior is None:
+            raise ValueError("loss 'logit_adjusted' needs the training class prior")
+        return LogitAdjustedLoss(prior, tau, weight)
     raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")

@@ -28,7 +28,11 @@ class occurs:
 - ``never_predicted``: labels that no validation example is predicted as;
   ``zero_recall``: labels with validation support whose recall is 0;
 - ``collapsed`` is true when only one class is predicted while at least two classes have
-  validation support, or when ``dominance >= collapse_dominance`` (default 0.9).
+  validation support, when ``dominance >= collapse_dominance`` (default 0.9), or, for a task with
+  a minority label (C4, C5), when that label has validation support and zero recall: a model that
+  never correctly predicts the class its selection metric is about has learnt nothing useful,
+  whatever its prediction shares (plain CE at 2.6% BRIDGING predicts BRIDGING for 0.3% of rows,
+  all wrong: dominance stays under 0.9, minority F1 is 0). ``collapse_reasons`` says which rule fired.
 
 So a healthy C4 model that predicts ~97% NOT_BRIDGING, because ~97% of the pairs are
 NOT_BRIDGING, has dominance ~0 and is not collapsed, while the seed's C6 failures, "INTEGER for
@@ -68,6 +72,7 @@ class EpochReport:
     zero_recall: list[str] = field(default_factory=list)
     collapsed: bool = False
     top_pred_class: str | None = None
+    collapse_reasons: list[str] = field(default_factory=list)
 
     def prefixed(self, prefix: str) -> dict[str, float]:
         """Metrics with a prefix for logging, e.g. ``report.prefixed("val_")``."""
@@ -161,7 +166,14 @@ def evaluate_predictions(
     never_predicted = [labels[i] for i in idx if pred_counts[i] == 0]
     zero_recall = [labels[i] for i in idx if supported[i] and recall[i] == 0]
     n_predicted = int((pred_counts > 0).sum())
-    collapsed = bool((n_predicted == 1 and int(supported.sum()) >= 2) or dominance >= collapse_dominance)
+    reasons = []
+    if n_predicted == 1 and int(supported.sum()) >= 2:
+        reasons.append(f"only {labels[top]} predicted")
+    if dominance >= collapse_dominance:
+        reasons.append(f"dominance {dominance:.2f} >= {collapse_dominance:g}")
+    if minority_label is not None and minority_label in zero_recall:
+        reasons.append(f"{minority_label} never correctly predicted")
+    collapsed = bool(reasons)
 
     m: dict[str, float] = {
         "accuracy": float((yt == yp).mean()),
@@ -199,4 +211,5 @@ def evaluate_predictions(
         zero_recall=zero_recall,
         collapsed=collapsed,
         top_pred_class=labels[top],
+        collapse_reasons=reasons,
     )

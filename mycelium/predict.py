@@ -169,11 +169,12 @@ def run_predict(args) -> int:
         # Read everything first: a bad line fails before the model is downloaded and loaded.
         fields = list(get_task(args.task).input_fields)
         with _open_input(args.input) as stream:
-            records, lines = read_records(stream, fields, source)
+            text = list(stream)
+        records, lines = read_records(text, fields, source)
         model = api.load(args.task, device=args.device, registered_model=args.registered_model,
                          backbone=args.backbone, batch_size=args.batch_size, **parse_model_arg(args.model))
-        if model.input_fields != fields:
-            raise InputError(f"the model's input fields {model.input_fields} differ from the task's {fields}")
+        if model.input_fields != fields:  # trained with -P inputs=...: plain-text and array lines map onto its fields
+            records, lines = read_records(text, model.input_fields, source)
         if not args.quiet:
             where = f"{model.registered_model} v{model.version}" if model.version else model.model_uri
             print(f"{model.task}: {where} on {model.device} (labels: {', '.join(model.labels)})", file=sys.stderr)
@@ -209,7 +210,7 @@ def write_predictions(model, records: list[dict], rows: list[tuple[str, ...]], o
             for start in range(0, len(rows), chunk):
                 probs = predict_proba(model.model, model.tokenizer, model.manifest, rows[start : start + chunk],
                                       batch_size=batch_size)
-                for rec, pred in zip(records[start : start + chunk], to_predictions(probs, model.labels)):
+                for rec, pred in zip(records[start : start + chunk], to_predictions(probs, model.labels, model.manifest.get("threshold"))):
                     out.write(json.dumps(output_record(rec, pred), ensure_ascii=False) + "\n")
                 out.flush()
                 bar.update(len(probs))

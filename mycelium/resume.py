@@ -75,7 +75,8 @@ class ResumeState:
             "optimizer": opt_meta,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "epochs": [
-                {"epoch": e.epoch, "train_loss": e.train_loss, "val_loss": e.val_loss, "version": e.version, "report": e.report.to_dict()}
+                {"epoch": e.epoch, "train_loss": e.train_loss, "val_loss": e.val_loss, "version": e.version, "report": e.report.to_dict(),
+                 "threshold": e.threshold, "argmax": e.argmax}
                 for e in epochs
             ],
         }
@@ -126,7 +127,8 @@ class ResumeState:
         from .train import EpochResult
 
         return [
-            EpochResult(e["epoch"], EpochReport.from_dict(e["report"]), e["train_loss"], e["val_loss"], e["version"], np.empty((0, 0)))
+            EpochResult(e["epoch"], EpochReport.from_dict(e["report"]), e["train_loss"], e["val_loss"], e["version"], np.empty((0, 0)),
+                        e.get("threshold"), e.get("argmax", {}))
             for e in self._meta()["epochs"]
         ]
 

@@ -99,10 +99,13 @@ def validate_input(model_input, manifest: dict, max_rows: int = MAX_ROWS) -> lis
     return list(zip(*columns)) if columns and len(model_input) else []
 
 
-def output_frame(probs: np.ndarray, labels: Sequence[str]) -> pd.DataFrame:
-    """``label`` (argmax) and ``prob_<LABEL>`` (float64) per class, in the manifest's label order."""
+def output_frame(probs: np.ndarray, labels: Sequence[str], threshold: dict | None = None) -> pd.DataFrame:
+    """``label`` (the manifest's decision rule: tuned threshold or argmax) and ``prob_<LABEL>``
+    (float64) per class, in the manifest's label order."""
+    from mycelium import threshold as decision
+
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(labels))
-    out = {"label": [labels[i] for i in probs.argmax(axis=1)] if len(probs) else []}
+    out = {"label": [labels[i] for i in decision.predict(probs, labels, threshold)]}
     for j, label in enumerate(labels):
         out[f"prob_{label}"] = probs[:, j]
     return pd.DataFrame(out, columns=["label", *[f"prob_{label}" for label in labels]])

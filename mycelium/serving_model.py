@@ -4,7 +4,8 @@
 is loaded (``mlflow.pyfunc.load_model`` or ``mlflow models serve``), with the logged copy of the
 ``mycelium`` package (``code/mycelium.zip``) first on ``sys.path``. ``load_context`` loads the
 checkpoint artifact; ``predict`` takes a DataFrame with the task's input columns and returns
-``label`` plus one ``prob_<LABEL>`` column per class.
+``label`` (by the checkpoint's decision threshold for binary tasks) plus one ``prob_<LABEL>``
+column per class.
 
 Environment variables read when the model loads:
 
@@ -49,7 +50,7 @@ class MyceliumClassifier(mlflow.pyfunc.PythonModel):
 
         rows = validate_input(model_input, self.manifest)
         probs = predict_proba(self.model, self.tokenizer, self.manifest, rows, batch_size=self.batch_size)
-        return output_frame(probs, self.manifest["labels"])
+        return output_frame(probs, self.manifest["labels"], self.manifest.get("threshold"))
 
 
 mlflow.models.set_model(MyceliumClassifier())

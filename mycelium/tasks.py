@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 class TaskSpec:
     name: str
     description: str
-    # Record fields fed to the model, in order; several fields are joined with `separator`.
+    # Record fields fed to the model by default, in order; several fields are joined with
+    # `separator`. `-P inputs=...` picks another composition (the seed's is `seed_inputs`).
     input_fields: tuple[str, ...]
+    # The seed's input composition (its recipe, and the baseline of every quality table).
+    seed_inputs: tuple[str, ...]
     # Input fields that may legitimately be "" (C4: no earlier step before the first one).
     allow_empty: tuple[str, ...]
     # Fixed label set, or () for an open set read from the data (C6).
@@ -35,6 +38,8 @@ class TaskSpec:
     epochs: int = 5
     num_workers: int = 4
     separator: str = " [SEP] "
+    # Fields that only give context: truncation cuts them first and keeps the other fields whole.
+    context_fields: tuple[str, ...] = ("problem",)
     # What to try, in order, when the first attempt is not good enough (see trainer.fallbacks).
     # "unfreeze": last 4 blocks trainable at lr 2e-5 when below fallback_threshold;
     # "sqrt_inv" / "focal": collapse remedies for C6.
@@ -46,6 +51,7 @@ TASKS: dict[str, TaskSpec] = {
         name="c4",
         description="bridging detector: is an implicit operation needed between step_i and step_j?",
         input_fields=("step_i", "step_j"),
+        seed_inputs=("step_i", "step_j"),
         allow_empty=("step_i",),
         labels=("NOT_BRIDGING", "BRIDGING"),
         minority_label="BRIDGING",
@@ -65,6 +71,7 @@ TASKS: dict[str, TaskSpec] = {
         name="c5",
         description="dependency resolver: does step_i's result feed into step_j?",
         input_fields=("step_i", "step_j"),
+        seed_inputs=("step_i", "step_j"),
         allow_empty=(),
         labels=("INDEPENDENT", "DEPENDS"),
         minority_label="DEPENDS",
@@ -84,7 +91,9 @@ TASKS: dict[str, TaskSpec] = {
         name="c6",
         description="answer type: what format must the final answer take?",
         input_fields=("problem",),
+        seed_inputs=("problem",),
         allow_empty=(),
+        context_fields=(),  # the problem is C6's whole input, not context
         labels=(),  # open set: INTEGER, FRACTION, RADICAL, SET, EXPRESSION, ... from the data
         minority_label=None,
         selection_metric="macro_f1",

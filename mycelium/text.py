@@ -13,8 +13,9 @@ def join_inputs(inputs: Sequence[str], separator: str) -> str:
     return separator.join(inputs)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 4096) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, unpadded (batches pad to their own longest).
+def tokenize(tokenizer, texts: Sequence[str], max_length: int | None, batch_size: int = 4096) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length`` (``None``: not truncated), unpadded
+    (batches pad to their own longest).
 
     Fast tokenizers encode a whole list in Rust threads; chunking keeps memory flat on big corpora.
     """
@@ -22,13 +23,56 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int =
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
             list(texts[start : start + batch_size]),
-            truncation=True,
+            truncation=max_length is not None,
             max_length=max_length,
             padding=False,
             return_attention_mask=False,
         )
         ids.extend(enc["input_ids"])
     return ids
+
+
+def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str], separator: str, max_length: int,
+                context_fields: Sequence[str] = ()) -> list[list[int]]:
+    """Token ids of records given as field values in ``fields`` order, at most ``max_length`` each.
+
+    A row over the limit loses the end of its context fields (the problem text) first, so the
+    steps the label is about stay whole; only rows whose other fields alone are too long are cut
+    at the end, as plain truncation would.
+    """
+    texts = [join_inputs(row, separator) for row in rows]
+    ids = tokenize(tokenizer, texts, None)
+    ctx = [i for i, name in enumerate(fields) if name in context_fields]
+    for r, seq in enumerate(ids):
+        if len(seq) <= max_length:
+            continue
+        row = list(rows[r])
+        for _ in range(3):  # a cut can merge tokens at the boundary: re-measure, cut again if needed
+            excess = len(seq) - max_length
+            if excess <= 0 or not any(row[i] for i in ctx):
+                break
+            for i in ctx:
+                row[i], excess = _cut_end(tokenizer, row[i], excess)
+            seq = tokenize(tokenizer, [join_inputs(row, separator)], None)[0]
+        ids[r] = seq if len(seq) <= max_length else tokenize(tokenizer, [join_inputs(row, separator)], max_length)[0]
+    return ids
+
+
+def _cut_end(tokenizer, text: str, n_tokens: int) -> tuple[str, int]:
+    """``text`` without its last ``n_tokens`` tokens (one more, for boundary merges), and how many
+    tokens are still to cut elsewhere."""
+    if n_tokens <= 0 or not text:
+        return text, n_tokens
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets: cut by words
+        words = text.split()
+        keep = max(0, len(words) - n_tokens - 1)
+        return " ".join(words[:keep]), max(0, n_tokens - len(words))
+    keep = len(offsets) - n_tokens - 1
+    if keep <= 0:
+        return "", n_tokens - len(offsets)
+    return text[: offsets[keep - 1][1]].rstrip(), 0
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

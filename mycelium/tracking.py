@@ -285,8 +285,9 @@ def current_champion(model_name: str):
         return None
 
 
-def decide_promotion(model_name: str, candidate: Candidate | None, rescore_champion=None) -> Decision:
-    """Move ``champion`` only to a better version on the same validation data.
+def decide_promotion(model_name: str, candidate: Candidate | None, rescore_champion=None, min_metric: float = 0.0) -> Decision:
+    """Move ``champion`` only to a better version on the same validation data, and never to one
+    below ``min_metric`` (the quality gate; 0 = none).
 
     ``rescore_champion(version) -> float | None`` evaluates the current champion on this run's
     validation data when it was measured on other data (a different fingerprint); None means it
@@ -295,6 +296,9 @@ def decide_promotion(model_name: str, candidate: Candidate | None, rescore_champ
     if candidate is None:
         return Decision(False, "every epoch of every attempt collapsed: nothing to promote", None, None)
     champ = current_champion(model_name)
+    if candidate.metric < min_metric:
+        return Decision(False, f"{candidate.metric_name} {candidate.metric:.4f} is below min_metric {min_metric:g}: not promoted",
+                        champ.version if champ else None, None)
     if champ is None:
         decision = Decision(True, "no champion yet", None, None)
     else:

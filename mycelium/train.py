@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from mlflow import MlflowClient
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from . import features, figure_worker, tracking
 from .checkpoint import backbone_manifest, bundle_backbone, read_manifest, save_checkpoint
@@ -40,7 +42,8 @@ from .model import (BackboneInfo, Classifier, apply_freezing, count_trainable, f
                     transformer_blocks)
 from .resume import ResumeState
 from .serving import ModelTemplate, log_checkpoint, start_logged_model, upload_folder
-from .text import join_inputs, length_buckets, pad_batch, tokenize
+from .text import encode_rows, length_buckets, pad_batch
+from .threshold import predict as decide_labels, resolve as resolve_threshold
 
 log = logging.getLogger("mycelium.train")
 
@@ -83,11 +86,13 @@ class Attempt:
 @dataclass
 class EpochResult:
     epoch: int
-    report: EpochReport
+    report: EpochReport  # by the epoch's decision rule (tuned threshold or argmax): what selects and promotes
     train_loss: float
     val_loss: float
     version: str | None
     probs: np.ndarray = field(repr=False)
+    threshold: dict | None = None  # the binary decision threshold (mycelium.threshold); None = argmax
+    argmax: dict[str, float] = field(default_factory=dict)  # argmax metrics beside a threshold's, for the log
 
 
 @dataclass
@@ -169,15 +174,17 @@ def prepare(cfg: TrainConfig) -> Prepared:
     precision, amp_dtype = resolve_precision(cfg, device)
     # fp32 master weights: transformers 5 would load Qwen2.5 in its config's bf16, where AdamW steps
     # at lr 2e-5 on unfrozen blocks round away; autocast gives bf16/fp16 speed on the GPU.
-    backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None, dtype=torch.float32)
+    backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None, dtype=torch.float32,
+                                              pooling=None if cfg.pooling == "auto" else cfg.pooling)
     torch.manual_seed(cfg.seed)
     model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
 
     # Tokenize once; every attempt and epoch reuses the ids.
-    train_texts = [join_inputs(r.inputs, spec.separator) for r in split.train]
-    val_texts = [join_inputs(r.inputs, spec.separator) for r in split.val]
-    train_ids = tokenize(tokenizer, train_texts, cfg.max_length)
-    val_ids = tokenize(tokenizer, val_texts, cfg.max_length)
+    def encode(records):
+        return encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
+                           spec.context_fields)
+
+    train_ids, val_ids = encode(split.train), encode(split.val)
 
     n_blocks = len(transformer_blocks(model.backbone))
     trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, 4 if "unfreeze" in cfg.fallback_steps() else 0)))
@@ -228,7 +235,7 @@ class Source:
             key_parts = dict(
                 backbone=prep.info.name, revision=prep.info.revision, max_length=cfg.max_length, pooling=model.pooling,
                 separator=cfg.spec.separator, fingerprint=prep.data.fingerprint, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                precision=prep.precision,
+                precision=prep.precision, context_fields=cfg.spec.context_fields,
             )
             total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
             # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
@@ -304,6 +311,7 @@ class Source:
 def evaluate(source: Source, loss_fn, prep: Prepared) -> tuple[np.ndarray, float]:
     """Class probabilities for the validation split (original order) and the validation loss."""
     prep.model.eval()
+    loss_fn.eval()  # a logit-adjusted loss scores the plain logits, as served
     probs = torch.empty(len(prep.val_ids), len(prep.labels))
 
     def run(idx: list[int]) -> tuple[float, int]:
@@ -344,10 +352,16 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
 
     weights = class_weights(prep.y_train.tolist(), len(prep.labels), attempt.class_weights, clip=cfg.weight_clip,
                             explicit=[float(w) for w in cfg.explicit_weights.split(",")] if cfg.explicit_weights else None,
-                            label_names=prep.labels)
-    loss_fn = make_loss(attempt.loss, torch.tensor(weights, dtype=torch.float32, device=device), cfg.focal_gamma)
+                            label_names=prep.labels, beta=cfg.cb_beta)
+    prior = torch.bincount(prep.y_train, minlength=len(prep.labels)).float() / len(prep.y_train)
+    loss_fn = make_loss(attempt.loss, torch.tensor(weights, dtype=torch.float32, device=device), cfg.focal_gamma,
+                        prior=prior.to(device), tau=cfg.la_tau)
     # fused: one kernel per step for all parameters; torch's CPU default is a Python loop over them.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
+    steps_per_epoch = len(source.batches("train", None))
+    schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup", optimizer,
+                             num_warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+                             num_training_steps=steps_per_epoch * cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
     counts = count_trainable(model)
     mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
@@ -360,6 +374,10 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     if resume is not None:
         start_epoch = resume.restore(model, optimizer, scaler) + 1
         result.epochs = resume.epoch_results()
+        with warnings.catch_warnings():  # stepping a fresh schedule to where the run stopped, without optimizer steps
+            warnings.simplefilter("ignore")
+            for _ in range((start_epoch - 1) * steps_per_epoch):
+                schedule.step()
         log.info("resuming attempt %s at epoch %d", attempt.name, start_epoch)
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * attempt.index)
     for _ in range(1, start_epoch):  # keep the shuffling sequence identical to an uninterrupted run
@@ -374,8 +392,13 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         torch.set_num_threads(1)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
+            if stop_reason := early_stop(result.epochs, cfg, _selection_metric(cfg)):
+                log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
+                mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
+                break
             lane.check()  # a failed upload of an earlier epoch stops training here
             model.train()
+            loss_fn.train()
             total, n = 0.0, 0
             batches = source.batches("train", generator)
             for idx in tqdm(batches, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}", leave=False, unit="batch"):
@@ -387,6 +410,7 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                schedule.step()
                 total += loss.item() * len(idx)
                 n += len(idx)
             train_loss = total / max(n, 1)
@@ -394,8 +418,8 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
                 raise FloatingPointError(f"attempt {attempt.name} epoch {epoch}: training loss is {train_loss}; lower -P lr_head / lr_backbone")
 
             probs, val_loss = evaluate(source, loss_fn, prep)
-            report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
-            ep = EpochResult(epoch, report, train_loss, val_loss, None, probs)
+            ep = score_epoch(epoch, probs, prep, cfg)
+            ep.train_loss, ep.val_loss = train_loss, val_loss
             result.epochs.append(ep)
             # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
             ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
@@ -415,6 +439,33 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     return result
 
 
+def score_epoch(epoch: int, probs: np.ndarray, prep: Prepared, cfg: TrainConfig) -> EpochResult:
+    """An epoch's validation report by its decision rule: for binary tasks a threshold tuned on
+    these probabilities (``-P threshold=auto``), with the argmax metrics kept beside it."""
+    y_val, spec = prep.y_val.numpy(), cfg.spec
+    threshold = resolve_threshold(cfg.threshold, prep.labels, spec.minority_label, y_val, probs)
+    report = evaluate_predictions(y_val, decide_labels(probs, prep.labels, threshold), prep.labels, spec.minority_label,
+                                  cfg.collapse_dominance)
+    argmax = {}
+    if threshold is not None:
+        plain = evaluate_predictions(y_val, probs.argmax(1), prep.labels, spec.minority_label, cfg.collapse_dominance)
+        argmax = {k: plain.metrics[k] for k in ("minority_f1", "macro_f1", "accuracy", "collapsed")}
+        argmax["threshold"] = threshold["value"]
+    return EpochResult(epoch, report, float("nan"), float("nan"), None, probs, threshold, argmax)
+
+
+def early_stop(epochs: list[EpochResult], cfg: TrainConfig, metric: str) -> str | None:
+    """Why an attempt should stop now (``-P early_stopping=N``: N epochs without a better
+    selection metric than the best before them), or None."""
+    n = cfg.early_stopping
+    if n <= 0 or len(epochs) <= n:
+        return None
+    best_before = max(e.report.metrics[metric] for e in epochs[:-n])
+    if all(e.report.metrics[metric] <= best_before for e in epochs[-n:]):
+        return f"{metric} has not improved on {best_before:.4f} for {n} epoch(s) (early_stopping={n})"
+    return None
+
+
 def publish_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
                   template: Future, pending_state: Path, epochs: list[EpochResult], may_exist: bool) -> None:
     """Log and register one epoch, then make its resume state the live one (tracking thread)."""
@@ -429,13 +480,14 @@ def _manifest(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     """The checkpoint manifest of an attempt's epoch (without ``ep``: what all its epochs share)."""
     manifest = {
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
+        "context_fields": [f for f in cfg.spec.context_fields if f in cfg.spec.input_fields],
         "separator": cfg.spec.separator, "max_length": cfg.max_length,
         "backbone": backbone_manifest(prep.info),
         "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
         "attempt": attempt.name, "data_fingerprint": prep.data.fingerprint,
     }
     if ep is not None:
-        manifest.update({"epoch": ep.epoch, "metrics": ep.report.metrics})
+        manifest.update({"epoch": ep.epoch, "metrics": ep.report.metrics, "threshold": ep.threshold})
     return manifest
 
 
@@ -456,8 +508,10 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     metric = _selection_metric(cfg)
     run_id = run.info.run_id
     client = MlflowClient()
-    metrics = {"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_")}
-    run_tags = {"collapsed": str(report.collapsed).lower(), "last_completed_epoch": str(ep.epoch)}
+    metrics = {"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_"),
+               **{f"val_argmax_{k}": float(v) for k, v in ep.argmax.items()}}
+    run_tags = {"collapsed": str(report.collapsed).lower(), "collapse_reason": "; ".join(report.collapse_reasons),
+                "last_completed_epoch": str(ep.epoch)}
     existing = tracking.existing_version(cfg.registered_model, run_id, ep.epoch) if may_exist else None
     if existing is not None:  # a resumed run that died after registering this epoch
         tracking.log_batch(client, run_id, metrics, ep.epoch, run_tags)
@@ -485,7 +539,12 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
         "collapsed": str(report.collapsed).lower(), "data_fingerprint": prep.data.fingerprint, "selection_metric": metric,
         metric: f"{report.metrics[metric]:.6f}", "macro_f1": f"{report.metrics['macro_f1']:.6f}",
         "accuracy": f"{report.metrics['accuracy']:.6f}", "backbone": manifest["backbone"]["name"],
+        "threshold": "argmax" if ep.threshold is None else f"{ep.threshold['label']} >= {ep.threshold['value']:.4f}",
     }
+    if report.collapsed:
+        tags["collapse_reason"] = "; ".join(report.collapse_reasons)
+    if cfg.min_metric > 0:
+        tags["meets_min_metric"] = str(report.metrics[metric] >= cfg.min_metric).lower()
     try:
         tracking.with_retries(f"upload of the epoch {ep.epoch} confusion matrix",
                               lambda: upload_folder(confusion, f"{run.info.artifact_uri.rstrip('/')}/confusion"))
@@ -581,7 +640,8 @@ def _run(cfg: TrainConfig) -> RunResult:
         lane.submit(_log_attempts_figure, prep, cfg, results, pid)  # drawn and uploaded while the champion is decided
         winner = _winner(results, metric)
         candidate = tracking.Candidate(winner[1].version, metric, winner[1].report.metrics[metric], prep.data.fingerprint) if winner else None
-        decision = tracking.decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg))
+        decision = tracking.decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg),
+                                             min_metric=cfg.min_metric)
         _log_parent_end(cfg, results, winner, decision, pid)
         lane.drain()
         mlflow.set_tag("mycelium_state", "done")  # last: a run without it is resumable
@@ -640,7 +700,8 @@ def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None
         return None
     finally:
         clear_backbone_cache()  # the champion's backbone copy is not needed after scoring
-    report = evaluate_predictions(prep.y_val.numpy(), probs.argmax(1), prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
+    labels = decide_labels(probs, prep.labels, manifest.get("threshold"))  # the champion's own decision rule
+    report = evaluate_predictions(prep.y_val.numpy(), labels, prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
     return None if report.collapsed else report.metrics[_selection_metric(cfg)]
 
 

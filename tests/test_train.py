@@ -107,7 +107,7 @@ def test_unweighted_c4_collapses_and_is_not_promoted(stack, corpus, tmp_path, mo
     cfg = config_from_args(
         ["--data", f"{corpus}/c4/", "--backbone", "minilm", "--epochs", "1", "--class-weights", "none",
          "--lr-head", "3e-4", "--registered-model", model, "--experiment", f"exp-{_uid()}", "--fallbacks", "none",
-         "--max-length", "64"],
+         "--max-length", "64", "--threshold", "none"],
         "c4",
     )
     result = run(cfg)

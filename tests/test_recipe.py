@@ -1,0 +1,198 @@
+"""The recipe features chosen by the quality benchmark: input composition with context-first
+truncation, the tuned decision threshold (stored, applied by pyfunc, the CLI and the API), the
+minimum-quality gate, early stopping, the new losses and weights, and the collapse rule for a
+minority class never predicted right. Unit parts run offline; the run goes through the real stack.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mycelium import threshold as decision
+from mycelium.config import ConfigError, config_from_args
+from mycelium.data.demo import write_demo_corpus
+from mycelium.losses import class_weights, make_loss
+from mycelium.metrics import evaluate_predictions
+from mycelium.model import load_backbone
+from mycelium.serving import output_frame
+from mycelium.text import encode_rows
+from mycelium.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ offline units
+
+
+def test_threshold_is_tuned_for_minority_f1_and_applied_alike():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.05, 0.10, 0.20, 0.35, 0.30, 0.40])  # argmax finds no positive; a cut near 0.3 finds both
+    t = decision.tune(y, p)
+    assert 0.20 < t <= 0.30
+    probs = np.stack([1 - p, p], axis=1)
+    rule = decision.resolve("auto", ["NOT_BRIDGING", "BRIDGING"], "BRIDGING", y, probs)
+    assert rule == {"label": "BRIDGING", "value": t}
+    labels = decision.predict(probs, ["NOT_BRIDGING", "BRIDGING"], rule)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert probs.argmax(1).tolist() == [0, 0, 0, 0, 0, 0]
+    # Serving's frame and the argmax fallback.
+    frame = output_frame(probs, ["NOT_BRIDGING", "BRIDGING"], rule)
+    assert frame["label"].tolist() == ["NOT_BRIDGING"] * 3 + ["BRIDGING"] * 3
+    assert np.allclose(frame["prob_BRIDGING"], p)
+    assert output_frame(probs, ["NOT_BRIDGING", "BRIDGING"])["label"].tolist() == ["NOT_BRIDGING"] * 6
+    assert decision.resolve("none", ["A", "B"], "B", y, probs) is None
+    assert decision.resolve("0.25", ["A", "B"], "B", y, probs) == {"label": "B", "value": 0.25}
+    assert decision.resolve("auto", ["A", "B", "C"], None, y, np.ones((6, 3)) / 3) is None
+
+
+def test_truncation_cuts_the_problem_and_keeps_the_steps_whole():
+    _, tok, _ = load_backbone("minilm")
+    problem = " ".join(f"word{i}" for i in range(200))
+    step_i, step_j = "48/2 = <<48/2=24>>24 clips in May", "48+24 = <<48+24=72>>72 clips altogether"
+    fields = ("problem", "step_i", "step_j")
+    [ids] = encode_rows(tok, [(problem, step_i, step_j)], fields, " [SEP] ", 64, context_fields=("problem",))
+    assert len(ids) <= 64
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.endswith(tok.decode(tok(step_j, add_special_tokens=False)["input_ids"]))
+    assert tok.decode(tok(step_i, add_special_tokens=False)["input_ids"]) in text
+    assert "word0" in text and "word199" not in text
+    # Without context fields it is plain truncation: the last step is cut.
+    [plain] = encode_rows(tok, [(problem, step_i, step_j)], fields, " [SEP] ", 64)
+    assert "72 clips altogether" not in tok.decode(plain, skip_special_tokens=True)
+    # Rows under the limit are untouched.
+    [short] = encode_rows(tok, [("A problem.", step_i, step_j)], fields, " [SEP] ", 64, context_fields=("problem",))
+    assert short == tok("A problem. [SEP] " + step_i + " [SEP] " + step_j)["input_ids"]
+
+
+def test_inputs_parameter_is_validated_and_becomes_the_spec():
+    cfg = config_from_args(["--inputs", "problem,step_i,step_j"], "c4")
+    assert cfg.spec.input_fields == ("problem", "step_i", "step_j")
+    assert set(cfg.spec.allow_empty) == {"problem", "step_i"}
+    assert config_from_args([], "c4").spec.input_fields == config_from_args([], "c4").spec.input_fields
+    with pytest.raises(ConfigError, match="inputs"):
+        config_from_args(["--inputs", "problem,question"], "c4")
+    with pytest.raises(ConfigError, match="threshold"):
+        config_from_args(["--threshold", "0.3"], "c6")
+    with pytest.raises(ConfigError, match="min_metric"):
+        config_from_args(["--min-metric", "2"], "c4")
+
+
+def test_minority_never_predicted_right_is_collapsed():
+    # The seed's C4 failure: 0.3% of rows predicted BRIDGING, all wrong; dominance stays < 0.9.
+    y_true = np.array([1] * 26 + [0] * 974)
+    y_pred = np.zeros(1000, dtype=int)
+    y_pred[100:103] = 1
+    report = evaluate_predictions(y_true, y_pred, ["NOT_BRIDGING", "BRIDGING"], "BRIDGING")
+    assert report.metrics["dominance"] < 0.9 and report.metrics["minority_f1"] == 0.0
+    assert report.collapsed and report.collapse_reasons == ["BRIDGING never correctly predicted"]
+    y_pred[0] = 1  # one right BRIDGING: not collapsed
+    assert not evaluate_predictions(y_true, y_pred, ["NOT_BRIDGING", "BRIDGING"], "BRIDGING").collapsed
+
+
+def test_effective_number_weights_and_logit_adjusted_loss():
+    y = [0] * 90 + [1] * 10
+    w = class_weights(y, 2, "effective", beta=0.99)
+    expected = (1 - 0.99) / (1 - 0.99 ** np.array([90, 10]))
+    assert np.allclose(w, expected * 2 / expected.sum())
+    assert w[1] > w[0] and w[1] / w[0] < 9  # between none and balanced
+    prior = torch.tensor([0.9, 0.1])
+    loss = make_loss("logit_adjusted", None, prior=prior, tau=1.0)
+    logits, target = torch.tensor([[0.0, 0.0]]), torch.tensor([1])
+    loss.train()
+    assert loss(logits, target).item() == pytest.approx(-np.log(0.1))  # softmax of log prior: p(1) = 0.1
+    loss.eval()  # evaluation scores the plain logits
+    assert loss(logits, target).item() == pytest.approx(np.log(2))
+
+
+def test_mlproject_is_generated_from_the_task_table():
+    from mycelium.mlproject import render
+
+    assert (ROOT / "MLproject").read_text() == render(), "MLproject is stale: run python -m mycelium.mlproject"
+
+
+# ------------------------------------------------------------------------------ a run on the real stack
+
+
+@pytest.fixture(scope="module")
+def gated_run(stack, tmp_path_factory):
+    """C4 with context inputs cut to 64 tokens, a head that cannot learn (lr 1e-9: every epoch
+    scores the same), early stopping after 1 flat epoch, and a gate no such head can pass."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    prefix = f"s3://mycelium-data/tests/recipe-{uuid.uuid4().hex[:8]}"
+    write_demo_corpus(prefix, files=4, per_file=150, seed=11, progress=False, tasks=("c4",))
+    model = f"test-recipe-{uuid.uuid4().hex[:8]}"
+    cfg = config_from_args(
+        ["--data", f"{prefix}/c4/", "--backbone", "minilm", "--epochs", "4", "--lr-head", "1e-9", "--early-stopping", "1",
+         "--min-metric", "0.99", "--inputs", "problem,step_i,step_j", "--max-length", "64", "--fallbacks", "none",
+         "--registered-model", model, "--experiment", f"exp-{model}"],
+        "c4",
+    )
+    import os
+
+    os.environ["MYCELIUM_STATE"] = str(tmp / "state")
+    return cfg, run(cfg), tmp
+
+
+def test_early_stopping_registers_only_the_epochs_run(gated_run):
+    cfg, result, _ = gated_run
+    attempt = result.attempts[0]
+    assert [e.epoch for e in attempt.epochs] == [1, 2]
+    versions = MlflowClient().search_model_versions(f"name = '{cfg.registered_model}'")
+    assert sorted(v.tags["epoch"] for v in versions) == ["1", "2"]
+    child = MlflowClient().get_run(attempt.run_id)
+    assert child.data.tags["stopped_early"] == "true" and "early_stopping=1" in child.data.tags["stop_reason"]
+
+
+def test_gate_keeps_a_weak_version_out_of_champion(gated_run):
+    cfg, result, _ = gated_run
+    assert result.winner is not None  # healthy enough to be the run's best ...
+    assert not result.decision.promoted and "below min_metric" in result.decision.reason  # ... but never champion
+    client = MlflowClient()
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias(cfg.registered_model, "champion")
+    versions = client.search_model_versions(f"name = '{cfg.registered_model}'")
+    assert {v.tags["meets_min_metric"] for v in versions} == {"false"}
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["champion_decision"] == "kept" and "min_metric" in parent.data.tags["champion_reason"]
+
+
+def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
+    cfg, result, tmp = gated_run
+    _, best = result.winner
+    uri = f"models:/{cfg.registered_model}/{best.version}"
+    manifest_path = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["threshold"] == best.threshold and manifest["threshold"]["label"] == "BRIDGING"
+    assert manifest["input_fields"] == ["problem", "step_i", "step_j"] and manifest["context_fields"] == ["problem"]
+    t = manifest["threshold"]["value"]
+    assert 0 < t < 1 and abs(t - 0.5) > 1e-6  # tuned, not the argmax cut
+
+    # pyfunc: the label follows the threshold; probabilities are the model's own.
+    problem = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 3
+    rows = pd.DataFrame({"problem": [problem] * 3, "step_i": ["", "48/2 = <<48/2=24>>24", "48 * 60 = <<48*60=2880>>2880"],
+                         "step_j": ["48/2 = <<48/2=24>>24", "48+24 = <<48+24=72>>72", "2880 / 100 = <<2880/100=28.8>>28.8"]})
+    out = mlflow.pyfunc.load_model(uri).predict(rows)
+    expected = np.where(out["prob_BRIDGING"] >= t, "BRIDGING", "NOT_BRIDGING")
+    assert out["label"].tolist() == expected.tolist()
+
+    # The CLI labels as pyfunc does.
+    lines = "\n".join(json.dumps(r) for r in rows.to_dict("records")) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "mycelium.cli", "predict", "--task", "c4", "--registered-model",
+                           cfg.registered_model, "--model", str(best.version), "--input", "-", "--quiet"],
+                          input=lines, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [c["label"] for c in cli] == out["label"].tolist()
+    for c, p in zip(cli, out["prob_BRIDGING"]):
+        assert c["probabilities"]["BRIDGING"] == pytest.approx(p, abs=1e-5)
