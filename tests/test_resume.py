@@ -14,7 +14,8 @@ from mycelium.resume import ResumeState
 
 def _epoch(n: int, version=None):
     report = evaluate_predictions(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), ["A", "B"], "B", 0.9)
-    return SimpleNamespace(epoch=n, train_loss=1.0 / n, val_loss=2.0 / n, version=version, report=report)
+    return SimpleNamespace(epoch=n, train_loss=1.0 / n, val_loss=2.0 / n, version=version, report=report,
+                           threshold={"label": "B", "value": 0.3 + n / 100}, argmax={"minority_f1": 0.5})
 
 
 def test_saved_state_is_live_only_after_commit(tmp_path, monkeypatch):
@@ -34,6 +35,8 @@ def test_saved_state_is_live_only_after_commit(tmp_path, monkeypatch):
     state = ResumeState.load("parent", attempt)
     assert state is not None and not pending.exists()
     assert [e.version for e in state.epoch_results()] == ["7"]
+    # The epoch's decision threshold comes back with it (a resumed run's winner keeps its rule).
+    assert [e.threshold for e in state.epoch_results()] == [{"label": "B", "value": 0.31}]
 
     # Epoch 2 saved but its commit never came (killed): the live state still says epoch 1.
     epochs.append(_epoch(2))

@@ -338,3 +338,14 @@ def test_fast_paths_agree_with_sympy():
         expr = plain.replace("^", "**")
         slow = S._classify_value(S._sympy_value(expr), bool(_re.search(r"\d*\.\d+", expr)))
         assert fast == slow, (case, fast, slow)
+
+
+def test_numbers_written_on_plain_solution_lines_are_not_implicit():
+    # GSM-Symbolic writes sums out on lines without annotations; 113 there is an earlier result.
+    q = "Tom has 40 apples, 42 pears, 31 plums and some kiwis: 163 fruits in all. How many kiwis?"
+    a = "40 + 42 + 31 + K = 113 + K\n113 + K = 163\nK = 163-113 = <<163-113=50>>50 kiwis\n#### 50"
+    assert labels(c4_transitions(q, a)) == [NOT_BRIDGING]
+    # Parsed steps alone do not carry the plain lines: 113 is implicit there.
+    assert labels(c4_transitions(q, S.parse_solution(a))) == [BRIDGING]
+    # "half" states both parts of 1/2.
+    assert labels(c4_transitions("Half of 36 students left.", "36*1/2 = <<36*1/2=18>>18\n#### 18")) == [NOT_BRIDGING]

@@ -17,7 +17,9 @@ whose calculator steps are annotated the GSM8K way::
 Decisions (the lead and data users should know them):
 
 * Lines without a ``<<...>>`` annotation are skipped by ``parse_solution``: they carry no expression
-  and no checkable result, so they can neither feed nor consume a number under the rules above.
+  and no checkable result, so they can neither feed nor consume a number under the C5 rule.  For
+  C4 the numbers they write are known to later steps (given the raw solution): a result written
+  out on a plain line ("40 + 42 + 31 + T = 113 + T") is an earlier result, not an implicit constant.
 * A line with several annotations becomes one Step; ``expression``/``result`` are the last
   calculation's (the line's conclusion), ``operands`` and ``values`` cover all of them, and later
   calculations on the line may use earlier ones' results without counting as implicit constants.
@@ -30,7 +32,7 @@ Decisions (the lead and data users should know them):
 * Problem-text numbers: digits with thousands commas (``1,000``), decimals, ``a/b`` fractions (the
   parts and the value), mixed numbers, LaTeX ``\\frac{a}{b}``, and number words: cardinals
   ("twenty-five", "one hundred"), multiplier words ("twice", "double", "triple", "dozen", "pair")
-  and fraction words ("half" gives 2 and 1/2, "two-thirds" gives 2, 3, 1/3 and 2/3).  They are
+  and fraction words ("half" gives 1, 2 and 1/2, "two-thirds" gives 1, 2, 3, 1/3 and 2/3).  They are
   stated in the problem, so using them is not bridging.
 * Percent: "25%" in the text states 25 only.  A step that writes ``25/100`` or ``0.25`` uses an
   implicit constant (the 100 of "per cent") and is BRIDGING, as the design's "100 for a percent"
@@ -367,7 +369,7 @@ def _word_numbers(text: str) -> set[Fraction]:
             found.add(Fraction(_MULTIPLIERS[word]))
         if word in _FRACTION_WORDS:
             d = _FRACTION_WORDS[word]
-            found.update({Fraction(d), Fraction(1, d)})
+            found.update({Fraction(1), Fraction(d), Fraction(1, d)})  # "half" writes 1/2: both parts are stated
         if _cardinal_kind(word) is None:
             i += 1
             continue
@@ -454,10 +456,14 @@ def implicit_operands(problem: str, steps: str | Sequence[Step], *, always_known
     an earlier result: the implicit constants that make a step BRIDGING.
 
     ``always_known`` lets a caller exempt constants (e.g. ``{1, 2}``); the default exempts none.
+    Given the raw solution, numbers written on earlier lines without annotations are known too.
     """
     known: set[Fraction] = set(numbers_in_text(problem)) | {abs(Fraction(k)) for k in always_known}
+    written = _plain_line_numbers(steps) if isinstance(steps, str) else None
     out: list[list[Fraction]] = []
-    for step in _as_steps(steps):
+    for n, step in enumerate(_as_steps(steps)):
+        if written is not None:
+            known.update(written[n])
         missing: list[Fraction] = []
         calcs = step.calculations or (Calculation(step.expression, step.result, step.stated, step.operands),)
         for calc in calcs:
@@ -468,11 +474,26 @@ def implicit_operands(problem: str, steps: str | Sequence[Step], *, always_known
     return out
 
 
+def _plain_line_numbers(answer: str) -> list[frozenset[Fraction]]:
+    """For each annotated line (a Step), the numbers of the unannotated lines since the previous one."""
+    out: list[frozenset[Fraction]] = []
+    pending: set[Fraction] = set()
+    for line in answer.splitlines():
+        if _FINAL.match(line):
+            break
+        if _ANNOTATION.search(line):
+            out.append(frozenset(pending))
+            pending = set()
+        else:
+            pending.update(numbers_in_text(line))
+    return out
+
+
 def c4_transitions(problem: str, steps: str | Sequence[Step], *, always_known: Iterable = ()) -> list[dict]:
     """One record per step j: ``step_i`` is the previous step's text (``""`` before the first),
     ``label`` is BRIDGING when step j uses an implicit constant (see ``implicit_operands``)."""
     parsed = _as_steps(steps)
-    missing = implicit_operands(problem, parsed, always_known=always_known)
+    missing = implicit_operands(problem, steps, always_known=always_known)
     return [
         {
             "i": j - 1 if j else None,  # no earlier step before the first one
