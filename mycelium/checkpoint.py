@@ -67,7 +67,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mycelium import text
 from mycelium.model import (
-    MINILM_ALIAS,
+    PACKAGED_ALIASES,
     POOLINGS,
     BackboneInfo,
     Classifier,
@@ -104,12 +104,12 @@ class CheckpointError(ValueError):
 def backbone_manifest(info: BackboneInfo) -> dict:
     """The manifest's ``backbone`` section for a loaded backbone.
 
-    Hub ids and the ``minilm`` alias are recorded as given; a local folder is recorded by its
+    Hub ids and the packaged aliases (``minilm``, ``smollm2``) are recorded as given; a local folder is recorded by its
     folder name only (``source: "local"``), so no path of the training machine ends up in the model.
     """
     name = info.name
-    if name.strip().lower() == MINILM_ALIAS:
-        source, name = "alias", MINILM_ALIAS
+    if name.strip().lower() in PACKAGED_ALIASES:
+        source, name = "alias", name.strip().lower()
     elif os.path.isdir(name) or _looks_like_path(name):
         source, name = "local", Path(os.path.normpath(os.path.expanduser(name))).name or "backbone"
     else:
@@ -358,7 +358,7 @@ def save_checkpoint(model: Classifier, directory: str | Path, manifest: dict) ->
         raise CheckpointError(f"manifest backbone.num_blocks {bb['num_blocks']} != model's {num_blocks}")
     if m["n_unfrozen"] > num_blocks:
         raise CheckpointError(f"n_unfrozen {m['n_unfrozen']} exceeds the backbone's {num_blocks} blocks")
-    bb.setdefault("source", "alias" if bb["name"].lower() == MINILM_ALIAS else "hub")
+    bb.setdefault("source", "alias" if bb["name"].lower() in PACKAGED_ALIASES else "hub")
 
     state = trained_state(model)
     expected = _expected_trained_names(model, m["n_unfrozen"])
@@ -467,7 +467,7 @@ def _pick_source(directory: Path, manifest: dict, backbone_override: str | None)
             "or set MYCELIUM_BACKBONE=<folder> for the serving model"
         )
     rev = bb["revision"]
-    hub_rev = None if (_is_sha(rev) or rev == "unknown" or bb["name"].lower() == MINILM_ALIAS) else rev
+    hub_rev = None if (_is_sha(rev) or rev == "unknown" or bb["name"].lower() in PACKAGED_ALIASES) else rev
     return bb["name"], hub_rev, "name"
 
 

