@@ -56,6 +56,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # share of an attempt's steps with a linear warmup
     early_stopping: int = 0  # stop an attempt after this many epochs without a better selection metric; 0 = off
     min_metric: float = 0.0  # a version below this selection metric never takes the champion alias; 0 = off
+    # grid: before a frozen first attempt, train heads for a grid of class weights x loss x head lr on
+    # the cached features and register the best on validation (mycelium.search); none: the recipe as given.
+    search: str = "none"
     precision: str = "auto"
     num_workers: int = 4
     max_length: int = 128
@@ -143,6 +146,8 @@ class TrainConfig:
             raise bad("warmup_ratio", "must be in [0, 1)")
         if self.early_stopping < 0:
             raise bad("early_stopping", "must be >= 0 (epochs without improvement; 0 = off)")
+        if self.search not in ("none", "grid"):
+            raise bad("search", "choose none or grid")
         if not 0 <= self.min_metric <= 1:
             raise bad("min_metric", "must be in [0, 1] (0 = no minimum)")
         if self.focal_gamma < 0:

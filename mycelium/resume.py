@@ -124,7 +124,7 @@ class ResumeState:
         return int(meta["epoch"])
 
     def epoch_results(self) -> list:
-        from .train import EpochResult
+        from .loop import EpochResult
 
         return [
             EpochResult(e["epoch"], EpochReport.from_dict(e["report"]), e["train_loss"], e["val_loss"], e["version"], np.empty((0, 0)),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -28,22 +27,20 @@ import mlflow
 from mlflow import MlflowClient
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from . import features, figure_worker, tracking
+from . import features, figure_worker, search, tracking
 from .checkpoint import backbone_manifest, bundle_backbone, read_manifest, save_checkpoint
 from .config import TrainConfig
 from .data.loading import LoadedData, load_task_data, write_rejects_jsonl
 from .data.split import Split, split_records
-from .losses import class_weights, make_loss
-from .metrics import EpochReport, evaluate_predictions
+from .loop import EpochResult, early_stop, evaluate, lr_schedule, objective, score_epoch, train_one_epoch
+from .metrics import evaluate_predictions
 from .model import (BackboneInfo, Classifier, apply_freezing, count_trainable, final_norm, load_backbone, param_groups,
                     transformer_blocks)
 from .resume import ResumeState
 from .serving import ModelTemplate, log_checkpoint, start_logged_model, upload_folder
 from .text import encode_rows, length_buckets, pad_batch
-from .threshold import predict as decide_labels, resolve as resolve_threshold
+from .threshold import predict as decide_labels
 
 log = logging.getLogger("mycelium.train")
 
@@ -81,18 +78,7 @@ class Attempt:
     class_weights: str
     loss: str
     changed: str  # what differs from the previous attempt, for the run name and tags
-
-
-@dataclass
-class EpochResult:
-    epoch: int
-    report: EpochReport  # by the epoch's decision rule (tuned threshold or argmax): what selects and promotes
-    train_loss: float
-    val_loss: float
-    version: str | None
-    probs: np.ndarray = field(repr=False)
-    threshold: dict | None = None  # the binary decision threshold (mycelium.threshold); None = argmax
-    argmax: dict[str, float] = field(default_factory=dict)  # argmax metrics beside a threshold's, for the log
+    lr_head: float | None = None  # None: -P lr_head (the head recipe search may choose another)
 
 
 @dataclass
@@ -131,6 +117,10 @@ class Prepared:
     cache_memory_gb: float  # resolved: the largest prefix cache, GiB
     cached: dict[tuple, object] = field(default_factory=dict)
 
+    def autocast(self):
+        """The precision context of a forward pass, decided once (bf16/fp16 autocast on a GPU, none on a CPU)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
 
 def _selection_metric(cfg: TrainConfig) -> str:
     return "minority_f1" if cfg.spec.selection_metric == "minority_f1" else "macro_f1"
@@ -148,15 +138,15 @@ def next_attempt(step: str, results: list[AttemptResult], cfg: TrainConfig, n_bl
         if last.unfrozen_layers > 0 or (best_value >= cfg.fallback_threshold and not cfg.force_fallbacks):
             return None
         k = min(4, n_blocks)
-        return Attempt(idx, f"unfreeze{k}", k, last.class_weights, last.loss, f"last {k} blocks unfrozen (lr {cfg.lr_backbone:g})")
+        return Attempt(idx, f"unfreeze{k}", k, last.class_weights, last.loss, f"last {k} blocks unfrozen (lr {cfg.lr_backbone:g})", last.lr_head)
     if step == "sqrt_inv":
         if not (collapsed or cfg.force_fallbacks):
             return None
-        return Attempt(idx, "sqrt_inv", last.unfrozen_layers, "sqrt_inv", last.loss, "sqrt(inverse frequency) class weights")
+        return Attempt(idx, "sqrt_inv", last.unfrozen_layers, "sqrt_inv", last.loss, "sqrt(inverse frequency) class weights", last.lr_head)
     if step == "focal":
         if not (collapsed or cfg.force_fallbacks):
             return None
-        return Attempt(idx, f"focal{cfg.focal_gamma:g}", last.unfrozen_layers, last.class_weights, "focal", f"focal loss (gamma {cfg.focal_gamma:g})")
+        return Attempt(idx, f"focal{cfg.focal_gamma:g}", last.unfrozen_layers, last.class_weights, "focal", f"focal loss (gamma {cfg.focal_gamma:g})", last.lr_head)
     raise ValueError(step)
 
 
@@ -308,26 +298,6 @@ class Source:
 # ----------------------------------------------------------------------------- the loop
 
 
-def evaluate(source: Source, loss_fn, prep: Prepared) -> tuple[np.ndarray, float]:
-    """Class probabilities for the validation split (original order) and the validation loss."""
-    prep.model.eval()
-    loss_fn.eval()  # a logit-adjusted loss scores the plain logits, as served
-    probs = torch.empty(len(prep.val_ids), len(prep.labels))
-
-    def run(idx: list[int]) -> tuple[float, int]:
-        with torch.inference_mode(), torch.autocast(prep.device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
-            logits = source.logits("val", idx).float()
-            loss = loss_fn(logits, prep.y_val[idx].to(prep.device)).item()
-            probs[idx] = torch.softmax(logits, dim=-1).cpu()
-        return loss * len(idx), len(idx)
-
-    total, n = 0.0, 0
-    for loss_sum, rows in features.for_each_batch(source.batches("val", None), run, prep.device):
-        total += loss_sum
-        n += rows
-    return probs.numpy(), total / max(n, 1)
-
-
 def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: str, parent_run_id: str,
                   resume: ResumeState | None, lane: tracking.Lane) -> AttemptResult:
     """One attempt's epochs. Each epoch's logging and registration goes to ``lane`` (the tracking
@@ -350,21 +320,15 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     with lane.paused(), _gil_switch_interval(0.005):
         source = Source(prep, cfg, attempt)
 
-    weights = class_weights(prep.y_train.tolist(), len(prep.labels), attempt.class_weights, clip=cfg.weight_clip,
-                            explicit=[float(w) for w in cfg.explicit_weights.split(",")] if cfg.explicit_weights else None,
-                            label_names=prep.labels, beta=cfg.cb_beta)
-    prior = torch.bincount(prep.y_train, minlength=len(prep.labels)).float() / len(prep.y_train)
-    loss_fn = make_loss(attempt.loss, torch.tensor(weights, dtype=torch.float32, device=device), cfg.focal_gamma,
-                        prior=prior.to(device), tau=cfg.la_tau)
+    loss_fn, weights = objective(prep, cfg, attempt.class_weights, attempt.loss)
     # fused: one kernel per step for all parameters; torch's CPU default is a Python loop over them.
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, attempt.lr_head or cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
     steps_per_epoch = len(source.batches("train", None))
-    schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup", optimizer,
-                             num_warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
-                             num_training_steps=steps_per_epoch * cfg.epochs)
+    schedule = lr_schedule(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
     counts = count_trainable(model)
     mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
+                       "lr_head": attempt.lr_head or cfg.lr_head,
                        "loss": attempt.loss, "focal_gamma": cfg.focal_gamma if attempt.loss == "focal" else "",
                        "batches_from": source.mode, "trainable_params": counts["total"], "trainable_backbone_params": counts["backbone"],
                        **{f"weight_{label}": f"{w:.4f}" for label, w in zip(prep.labels, weights)}})
@@ -392,31 +356,13 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         torch.set_num_threads(1)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            if stop_reason := early_stop(result.epochs, cfg, _selection_metric(cfg)):
+            if stop_reason := early_stop(result.epochs, cfg.early_stopping, _selection_metric(cfg)):
                 log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
                 mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
                 break
             lane.check()  # a failed upload of an earlier epoch stops training here
-            model.train()
-            loss_fn.train()
-            total, n = 0.0, 0
-            batches = source.batches("train", generator)
-            for idx in tqdm(batches, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}", leave=False, unit="batch"):
-                y = prep.y_train[idx].to(device)
-                with torch.autocast(device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
-                    logits = source.logits("train", idx)
-                loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                total += loss.item() * len(idx)
-                n += len(idx)
-            train_loss = total / max(n, 1)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"attempt {attempt.name} epoch {epoch}: training loss is {train_loss}; lower -P lr_head / lr_backbone")
-
+            train_loss = train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler,
+                                         schedule, prep.autocast, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
             probs, val_loss = evaluate(source, loss_fn, prep)
             ep = score_epoch(epoch, probs, prep, cfg)
             ep.train_loss, ep.val_loss = train_loss, val_loss
@@ -437,33 +383,6 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         if template.done() and template.exception() is None:
             template.result().close()
     return result
-
-
-def score_epoch(epoch: int, probs: np.ndarray, prep: Prepared, cfg: TrainConfig) -> EpochResult:
-    """An epoch's validation report by its decision rule: for binary tasks a threshold tuned on
-    these probabilities (``-P threshold=auto``), with the argmax metrics kept beside it."""
-    y_val, spec = prep.y_val.numpy(), cfg.spec
-    threshold = resolve_threshold(cfg.threshold, prep.labels, spec.minority_label, y_val, probs)
-    report = evaluate_predictions(y_val, decide_labels(probs, prep.labels, threshold), prep.labels, spec.minority_label,
-                                  cfg.collapse_dominance)
-    argmax = {}
-    if threshold is not None:
-        plain = evaluate_predictions(y_val, probs.argmax(1), prep.labels, spec.minority_label, cfg.collapse_dominance)
-        argmax = {k: plain.metrics[k] for k in ("minority_f1", "macro_f1", "accuracy", "collapsed")}
-        argmax["threshold"] = threshold["value"]
-    return EpochResult(epoch, report, float("nan"), float("nan"), None, probs, threshold, argmax)
-
-
-def early_stop(epochs: list[EpochResult], cfg: TrainConfig, metric: str) -> str | None:
-    """Why an attempt should stop now (``-P early_stopping=N``: N epochs without a better
-    selection metric than the best before them), or None."""
-    n = cfg.early_stopping
-    if n <= 0 or len(epochs) <= n:
-        return None
-    best_before = max(e.report.metrics[metric] for e in epochs[:-n])
-    if all(e.report.metrics[metric] <= best_before for e in epochs[-n:]):
-        return f"{metric} has not improved on {best_before:.4f} for {n} epoch(s) (early_stopping={n})"
-    return None
 
 
 def publish_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run, parent_run_id: str, ckpt: Path,
@@ -625,10 +544,18 @@ def _run(cfg: TrainConfig) -> RunResult:
             mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
                              "mycelium_role": "parent", "mycelium_state": "running", **tracking.system_tags()})
             lane.submit(_log_parent_start, prep, cfg, pid)
-        done = {int(r.data.tags["attempt_index"]): r for r in tracking.child_runs(pid, parent.info.experiment_id)} if resumed else {}
+        done = {int(r.data.tags["attempt_index"]): r for r in tracking.child_runs(pid, parent.info.experiment_id)
+                if r.data.tags.get("mycelium_role") == "attempt"} if resumed else {}
 
         n_blocks = len(transformer_blocks(prep.model.backbone))
-        attempt = Attempt(1, _first_name(cfg), cfg.unfrozen_layers, cfg.class_weights, cfg.loss, "seed recipe")
+        if 1 in done:  # a resumed run continues the first attempt it chose
+            tags = done[1].data.tags
+            attempt = Attempt(1, tags["attempt"], int(tags["unfrozen_layers"]), tags["class_weights"], tags["loss"], tags["changed"],
+                              float(done[1].data.params.get("lr_head", cfg.lr_head)))
+        elif cfg.search == "grid" and cfg.unfrozen_layers == 0:
+            attempt = _search_first_attempt(prep, cfg, lane)
+        else:
+            attempt = Attempt(1, _first_name(cfg), cfg.unfrozen_layers, cfg.class_weights, cfg.loss, "seed recipe")
         results: list[AttemptResult] = []
         steps = list(cfg.fallback_steps())
         while attempt is not None:
@@ -652,6 +579,37 @@ def _run(cfg: TrainConfig) -> RunResult:
                  cfg.experiment, ui, cfg.experiment)
     ResumeState.clear(pid)
     return RunResult(pid, results, winner, decision, prep.labels, ui)
+
+
+def _search_first_attempt(prep: Prepared, cfg: TrainConfig, lane: tracking.Lane) -> Attempt:
+    """The head recipe search (``-P search=grid``) as a ``0-search`` child run; its winner is attempt 1."""
+    metric = _selection_metric(cfg)
+    probe = Attempt(1, "search", 0, cfg.class_weights, cfg.loss, "")
+    apply_freezing(prep.model.backbone, 0)
+    with lane.paused(), _gil_switch_interval(0.005):
+        source = Source(prep, cfg, probe)  # the cached features the first attempt then reuses
+    threads = torch.get_num_threads()
+    if prep.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny head matmuls, as in train_attempt
+    try:
+        trials = search.search_heads(prep, cfg, source, metric)
+    finally:
+        torch.set_num_threads(threads)
+    win = search.best(trials)
+    with mlflow.start_run(run_name="0-search", nested=True):
+        mlflow.set_tags({"mycelium_role": "search", "task": cfg.task, "data_fingerprint": prep.data.fingerprint,
+                         "chosen": win.recipe.name})
+        mlflow.log_params({"trials": len(trials), "chosen_class_weights": win.recipe.class_weights, "chosen_loss": win.recipe.loss,
+                           "chosen_lr_head": win.recipe.lr_head})
+        mlflow.log_metrics({f"best_{metric}": win.metric})
+        mlflow.log_table({"recipe": [t.recipe.name for t in trials], "class_weights": [t.recipe.class_weights for t in trials],
+                          "loss": [t.recipe.loss for t in trials], "lr_head": [t.recipe.lr_head for t in trials],
+                          f"val_{metric}": [t.metric for t in trials], "best_epoch": [t.epoch or 0 for t in trials],
+                          "epochs_run": [t.epochs_run for t in trials]}, "search_trials.json")
+    log.info("head recipe search: %d trials, best %s (val %s %.4f)", len(trials), win.recipe.name, metric, win.metric)
+    r = win.recipe
+    return Attempt(1, f"frozen-{r.class_weights}-{r.loss}", 0, r.class_weights, r.loss,
+                   f"head recipe search winner of {len(trials)} (lr_head {r.lr_head:g})", r.lr_head)
 
 
 def _first_name(cfg: TrainConfig) -> str:

@@ -196,3 +196,31 @@ def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
     assert [c["label"] for c in cli] == out["label"].tolist()
     for c, p in zip(cli, out["prob_BRIDGING"]):
         assert c["probabilities"]["BRIDGING"] == pytest.approx(p, abs=1e-5)
+
+
+def test_head_recipe_search_registers_its_validation_winner(stack, tmp_path, monkeypatch):
+    from mycelium import search
+
+    monkeypatch.setenv("MYCELIUM_STATE", str(tmp_path / "state"))
+    prefix = f"s3://mycelium-data/tests/search-{uuid.uuid4().hex[:8]}"
+    write_demo_corpus(prefix, files=3, per_file=150, seed=5, progress=False, tasks=("c5",))
+    model = f"test-search-{uuid.uuid4().hex[:8]}"
+    cfg = config_from_args(["--data", f"{prefix}/c5/", "--backbone", "minilm", "--epochs", "2", "--search", "grid",
+                            "--fallbacks", "none", "--max-length", "64", "--registered-model", model,
+                            "--experiment", f"exp-{model}"], "c5")
+    result = run(cfg)
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    [searched] = [r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                  if r.data.tags.get("mycelium_role") == "search"]
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=searched.info.run_id, artifact_path="search_trials.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == len(search.grid(cfg))
+    top = max(rows, key=lambda r: r["val_minority_f1"])  # first maximum in grid order, as search.best
+    first = result.attempts[0].attempt
+    assert (first.class_weights, first.loss, first.lr_head) == (top["class_weights"], top["loss"], top["lr_head"])
+    child = client.get_run(result.attempts[0].run_id)
+    assert float(child.data.params["lr_head"]) == top["lr_head"] and child.data.tags["class_weights"] == top["class_weights"]
+    # The registered attempt retrains that recipe from the same start: it reaches the same best metric.
+    best = result.attempts[0].best("minority_f1")
+    assert best.report.metrics["minority_f1"] == pytest.approx(top["val_minority_f1"], abs=1e-6)
