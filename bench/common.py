@@ -43,6 +43,7 @@ class Job:
     result: str  # where the worker writes its JSON result
     eval_batch_size: int = 0  # peer: per_device_eval_batch_size (0: batch_size)
     profile: bool = False  # ours: also write a cProfile dump to workdir/ours.prof
+    inputs: str = ""  # record fields the model reads (-P inputs); "" = the task's default
     extra: dict = field(default_factory=dict)
 
     def dump(self, path: Path) -> None:

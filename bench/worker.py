@@ -110,11 +110,11 @@ class Phases:
 
 
 def load_split(job: Job):
+    from mycelium.config import TrainConfig
     from mycelium.data.loading import load_task_data
     from mycelium.data.split import split_records
-    from mycelium.tasks import get_task
 
-    spec = get_task(job.task)
+    spec = TrainConfig(task=job.task, inputs=job.inputs).spec  # the input composition as ours reads it
     data = load_task_data(job.data, spec, progress=False)
     split = split_records(data.records, data.labels, val_fraction=job.val_fraction, seed=job.seed)
     return spec, data, split
@@ -248,7 +248,8 @@ def run_ours(job: Job, stamps: dict) -> dict:
 # peer: the Hugging Face Trainer at its best settings for this job
 
 
-def run_peer(job: Job, stamps: dict) -> dict:
+def run_peer(job: Job, stamps: dict, keep: dict | None = None) -> dict:
+    """The peer's run; ``keep`` (bench/quality) receives the trained Trainer, its encoder and the split."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -405,6 +406,8 @@ def run_peer(job: Job, stamps: dict) -> dict:
         optimizers=(optimizer, None),
     )
     trainer.train()
+    if keep is not None:  # bench/quality scores the final model on its test split
+        keep.update(trainer=trainer, encode=encode, spec=spec, split=split, labels=labels)
     phases["end"] += time.perf_counter() - stamps_cb.t
     trainable = sum(p.numel() for p in clf.parameters() if p.requires_grad)
     return {

@@ -51,7 +51,8 @@ class TrainConfig:
     pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
     # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
     # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
-    threshold: str = "auto"
+    # Default: the task table's (auto for C4, argmax for C5).
+    threshold: str = "none"
     lr_schedule: str = "constant"  # constant | linear | cosine (transformers' schedulers, per step)
     warmup_ratio: float = 0.0  # share of an attempt's steps with a linear warmup
     early_stopping: int = 0  # stop an attempt after this many epochs without a better selection metric; 0 = off
@@ -221,6 +222,7 @@ def task_defaults(spec: TaskSpec) -> dict:
         "lr_backbone": spec.lr_backbone,
         "epochs": spec.epochs,
         "num_workers": spec.num_workers,
+        "threshold": spec.threshold,
     }
 
 

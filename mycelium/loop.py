@@ -87,7 +87,7 @@ def score_epoch(epoch: int, probs: np.ndarray, prep: Prepared, cfg: TrainConfig)
     """An epoch's validation report by its decision rule: for binary tasks a threshold tuned on
     these probabilities (``-P threshold=auto``), with the argmax metrics kept beside it."""
     y_val, spec = prep.y_val.numpy(), cfg.spec
-    threshold = resolve_threshold(cfg.threshold, prep.labels, spec.minority_label, y_val, probs)
+    threshold = resolve_threshold(cfg.threshold, prep.labels, spec.minority_label, y_val, probs, cfg.collapse_dominance)
     report = evaluate_predictions(y_val, decide_labels(probs, prep.labels, threshold), prep.labels, spec.minority_label,
                                   cfg.collapse_dominance)
     argmax = {}

@@ -15,32 +15,44 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def tune(y_true: np.ndarray, p_positive: np.ndarray) -> float:
-    """The probability cut that maximises the positive class's F1 on ``(y_true, p_positive)``;
-    0.5 when there is no positive example or no cut gives F1 above 0."""
+def tune(y_true: np.ndarray, p_positive: np.ndarray, collapse_dominance: float = 0.9) -> float:
+    """The probability cut that maximises the positive class's F1 on ``(y_true, p_positive)``
+    among cuts whose labels are not collapsed (``mycelium.metrics``' rule); 0.5 when no cut gives
+    a healthy F1 above 0.
+
+    Without the collapse rule a weak model's best F1 is often "everything positive" (F1
+    2p / (1 + p) at positive share p): a cut that labels like that is never chosen. Written with
+    cumulative sums rather than sklearn's precision_recall_curve, which does not give the
+    predicted shares the rule needs at each cut.
+    """
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(p_positive, dtype=np.float64)
-    if not y.any():
+    n, positives = len(y), int(y.sum())
+    if not positives or positives == n:
         return 0.5
-    from sklearn.metrics import precision_recall_curve
-
-    precision, recall, cuts = precision_recall_curve(y, p)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    best = int(np.argmax(f1))
-    if f1[best] <= 0:
+    order = np.argsort(-p, kind="stable")
+    scores, hits = p[order], y[order]
+    k = np.arange(1, n + 1)  # rows labelled positive when the cut is at scores[k - 1]
+    tp = np.cumsum(hits)
+    f1 = 2 * tp / (k + positives)
+    q, share = k / n, positives / n  # predicted and true positive shares
+    dominance = np.where(q >= 0.5, (q - share) / (1 - share), (share - q) / share).clip(min=0)
+    at_run_end = np.r_[scores[1:] != scores[:-1], True]  # a cut cannot split equal scores
+    ok = at_run_end & (tp > 0) & (k < n) & (dominance < collapse_dominance)
+    if not ok.any():
         return 0.5
+    best = int(np.flatnonzero(ok)[np.argmax(f1[ok])])
     # Halfway to the next lower score: the same labels on validation, less tied to one example.
-    lower = p[p < cuts[best]]
-    return float((cuts[best] + lower.max()) / 2) if lower.size else float(cuts[best])
+    return float((scores[best] + scores[best + 1]) / 2)
 
 
 def resolve(setting: str, labels: Sequence[str], minority_label: str | None, y_val: np.ndarray,
-            val_probs: np.ndarray) -> dict | None:
+            val_probs: np.ndarray, collapse_dominance: float = 0.9) -> dict | None:
     """The manifest's threshold for ``-P threshold=setting``: tuned (``auto``), fixed (a number) or none."""
     if minority_label is None or setting == "none" or len(labels) != 2:
         return None
     pos = list(labels).index(minority_label)
-    value = tune(np.asarray(y_val) == pos, val_probs[:, pos]) if setting == "auto" else float(setting)
+    value = tune(np.asarray(y_val) == pos, val_probs[:, pos], collapse_dominance) if setting == "auto" else float(setting)
     return {"label": minority_label, "value": value}
 
 

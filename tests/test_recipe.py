@@ -224,3 +224,17 @@ def test_head_recipe_search_registers_its_validation_winner(stack, tmp_path, mon
     # The registered attempt retrains that recipe from the same start: it reaches the same best metric.
     best = result.attempts[0].best("minority_f1")
     assert best.report.metrics["minority_f1"] == pytest.approx(top["val_minority_f1"], abs=1e-6)
+
+
+def test_threshold_never_picks_a_collapsed_rule():
+    # A weak model on a 54% positive split: "everything positive" has the best F1 (0.70) but is
+    # collapsed; the tuned cut must label both classes and stay under the dominance limit.
+    rng = np.random.default_rng(0)
+    y = (rng.random(2000) < 0.54).astype(int)
+    p = np.clip(0.5 + 0.03 * (y - 0.5) + rng.normal(0, 0.1, 2000), 0, 1)
+    t = decision.tune(y, p)
+    labels = decision.predict(np.stack([1 - p, p], 1), ["INDEPENDENT", "DEPENDS"], {"label": "DEPENDS", "value": t})
+    report = evaluate_predictions(y, labels, ["INDEPENDENT", "DEPENDS"], "DEPENDS")
+    assert not report.collapsed and report.metrics["minority_f1"] > 0
+    everything = evaluate_predictions(y, np.ones_like(y), ["INDEPENDENT", "DEPENDS"], "DEPENDS")
+    assert everything.collapsed and everything.metrics["minority_f1"] > report.metrics["minority_f1"]
