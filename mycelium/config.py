@@ -51,7 +51,7 @@ class TrainConfig:
     pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
     # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
     # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
-    # Default: the task table's (auto for C4, argmax for C5).
+    # Default: the task table's (argmax: a tuned threshold lost on unseen templates, bench/quality).
     threshold: str = "none"
     lr_schedule: str = "constant"  # constant | linear | cosine (transformers' schedulers, per step)
     warmup_ratio: float = 0.0  # share of an attempt's steps with a linear warmup

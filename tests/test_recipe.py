@@ -134,7 +134,7 @@ def gated_run(stack, tmp_path_factory):
     model = f"test-recipe-{uuid.uuid4().hex[:8]}"
     cfg = config_from_args(
         ["--data", f"{prefix}/c4/", "--backbone", "minilm", "--epochs", "4", "--lr-head", "1e-9", "--early-stopping", "1",
-         "--min-metric", "0.99", "--inputs", "problem,step_i,step_j", "--max-length", "64", "--fallbacks", "none",
+         "--min-metric", "0.99", "--threshold", "auto", "--inputs", "problem,step_i,step_j", "--max-length", "64", "--fallbacks", "none",
          "--registered-model", model, "--experiment", f"exp-{model}"],
         "c4",
     )
