@@ -52,8 +52,6 @@ SEED_TABLE: dict[str, list[str]] = {
 }
 # "Seed everything else": the seed had none of these knobs, so they are set to what it did — its
 # input fields, argmax decisions, constant learning rates, no early stopping, no recipe search.
-# Parameters the checkout does not have yet are dropped with a warning (`usable_args`), so the
-# bench runs now and picks them up as they land in TrainConfig.
 SEED_INPUTS = {"c4": "step_i,step_j", "c5": "step_i,step_j", "c6": "problem"}
 SEED_ARGS: dict[str, list[str]] = {
     task: ["--inputs", fields, "--threshold", "none", "--lr-schedule", "constant", "--warmup-ratio", "0",
@@ -120,20 +118,6 @@ BACKBONE_NAMES = {"minilm": "MiniLM-L6", "smollm2": "SmolLM2-135M"}  # packaged 
 def train_task(task: str) -> str:
     """The task a data folder trains as: ``c4_2.6pct`` is C4 on a subsampled folder."""
     return task.split("_", 1)[0]
-
-
-def usable_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without the ``--name value`` pairs TrainConfig has no field for, the dropped names)."""
-    from mycelium.config import TrainConfig
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    kept, dropped = [], []
-    for flag, value in zip(argv[::2], argv[1::2]):
-        if flag[2:].replace("-", "_") in known:
-            kept += [flag, value]
-        elif flag not in dropped:
-            dropped.append(flag)
-    return kept, dropped
 
 
 def log(msg: str) -> None:
@@ -316,8 +300,8 @@ def upload(folder: Path, prefix: str) -> int:
     return len(files)
 
 
-def make_job(task: str, recipe: Recipe, data: str, backbone: str, epochs: int | None, work: Path) -> tuple[QualityJob, list[str]]:
-    """The job of one task x recipe, and the recipe arguments this checkout does not know yet."""
+def make_job(task: str, recipe: Recipe, data: str, backbone: str, epochs: int | None, work: Path) -> QualityJob:
+    """The job of one task x recipe; a recipe argument TrainConfig does not know fails here, before anything runs."""
     from mycelium.config import config_from_args
 
     tt = train_task(task)
@@ -328,9 +312,9 @@ def make_job(task: str, recipe: Recipe, data: str, backbone: str, epochs: int | 
     if epochs:
         harness += ["--epochs", str(epochs)]
     if recipe.args is not None:
-        argv, dropped = usable_args(recipe.args[tt])
+        argv = list(recipe.args[tt])
     else:  # the peer: its settings come from the seed recipe's resolved config
-        argv, dropped = usable_args(RECIPES["seed"].args[tt])[0], []
+        argv = list(RECIPES["seed"].args[tt])
     argv += harness
     cfg = config_from_args(argv, tt)  # fails here, before anything runs, on a bad recipe
     # One feature cache per task, backbone and input composition: recipes that read the same texts share it.
@@ -351,7 +335,7 @@ def make_job(task: str, recipe: Recipe, data: str, backbone: str, epochs: int | 
             device="cuda" if torch.cuda.is_available() else "cpu",
             workdir=str(run_dir), cache_dir=str(cache), result=job.result))
         job.argv = []
-    return job, dropped
+    return job
 
 
 def spawn(job: QualityJob, env: dict, logfile: Path) -> dict:
@@ -445,7 +429,7 @@ def recipe_args_text(recipe: Recipe) -> str:
 
 
 def render(tasks: list[str], recipes: list[str], results: dict[str, list[dict]], sizes: dict, machine: dict, backbone: str,
-           epochs: int | None, dropped: dict[str, list[str]], data_text: str, total: float, quick: bool,
+           epochs: int | None, data_text: str, total: float, quick: bool,
            interrupted: list[str]) -> str:
     bb = BACKBONE_NAMES.get(backbone, backbone)
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
@@ -474,9 +458,6 @@ def render(tasks: list[str], recipes: list[str], results: dict[str, list[dict]],
         "--registered-model quality-<task>-<recipe> --run-name <recipe>`" + (f" and `--epochs {epochs}`" if epochs else "") + ".",
         "",
     ]
-    if any(dropped.values()):
-        md += ["Recipe arguments this checkout does not have yet (dropped): "
-               + "; ".join(f"{k}: {', '.join(v)}" for k, v in dropped.items() if v) + ".", ""]
     md += ["## Data", "", *data_table(sizes), ""]
     if data_text:
         md += ["```", data_text, "```", ""]
@@ -558,7 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     child_env.pop("MLFLOW_RUN_ID", None)
 
     results: dict[str, list[dict]] = {}
-    dropped: dict[str, list[str]] = {}
     interrupted: list[str] = []
     try:
         for task in tasks:
@@ -567,16 +547,12 @@ def main(argv: list[str] | None = None) -> int:
             results[task] = []
             trained: dict[str, dict] = {}  # resolved training config -> its result, within this task
             for name in recipes:
-                job, gone = make_job(task, RECIPES[name], prefix, args.backbone, epochs, work)
+                job = make_job(task, RECIPES[name], prefix, args.backbone, epochs, work)
                 same = trained.get(resolved(job))
                 if same is not None:  # e.g. `default` where the defaults are the seed's: not trained twice
                     log(f"   {task} {name}: the same configuration as {same['recipe']}, not trained again")
                     results[task].append({**same, "recipe": name, "same_as": same["recipe"]})
                     continue
-                if gone and name not in dropped:  # said once per recipe
-                    log(f"   {name}: TrainConfig has no {', '.join(gone)} yet: dropped from the recipe")
-                if gone:
-                    dropped[name] = gone
                 log(f"   {task} {name} ...")
                 t_run = time.perf_counter()
                 try:
@@ -605,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     # The generator's own account (what it drew and skipped); the per-split tables are ours above.
     data_text = data_mod.format_summary(data_summary).split("\n\n")[0] if hasattr(data_mod, "format_summary") else ""
-    md = render(tasks, recipes, results, sizes, machine, args.backbone, epochs, dropped, data_text, total, args.quick, interrupted)
+    md = render(tasks, recipes, results, sizes, machine, args.backbone, epochs, data_text, total, args.quick, interrupted)
     print()
     print(md)
     out = args.out or ("" if args.quick else str(HERE / "results.md"))
@@ -614,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {out}")
     (work / "results.json").write_text(json.dumps(
         {"machine": machine, "backbone": args.backbone, "epochs": epochs, "data": sizes, "data_summary": data_summary,
-         "dropped_args": dropped, "results": results, "total_seconds": total, "interrupted": interrupted},
+         "results": results, "total_seconds": total, "interrupted": interrupted},
         indent=1, default=str))
     log(f"raw results in {work / 'results.json'}" + ("" if args.keep or args.workdir else " (removed: pass --keep)"))
     log(f"total wall time {total:.0f} s ({total / 60:.1f} min)")
