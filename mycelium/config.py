@@ -10,10 +10,10 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .tasks import TaskSpec, get_task
+from mycelium.tasks import TaskSpec, get_task
 
 DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
-from .losses import LOSSES, WEIGHT_SCHEMES
+from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")

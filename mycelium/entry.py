@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, config_from_args
+from mycelium.config import ConfigError, config_from_args
 
 
 def setup_logging() -> None:
@@ -37,7 +37,7 @@ def print_summary(result, cfg, console: Console) -> None:
         per_class = Table(title=f"{cfg.task}: best epoch per-class F1 (version {e.version})")
         for col in ("class", "precision", "recall", "F1", "support", "predicted share"):
             per_class.add_column(col)
-        from .metrics import metric_key
+        from mycelium.metrics import metric_key
 
         m = e.report.metrics
         for label in result.labels:
@@ -57,12 +57,12 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    from .data.loading import DataError
-    from .model import BackboneLoadError
-    from .stack import StackError
-    from .storage import StorageError
-    from .tracking import TrackingError
-    from .train import run
+    from mycelium.data.loading import DataError
+    from mycelium.model.backbone import BackboneLoadError
+    from mycelium.stack import StackError
+    from mycelium.storage import StorageError
+    from mycelium.tracking.runs import TrackingError
+    from mycelium.train.run import run
 
     try:
         result = run(cfg)

@@ -11,8 +11,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, task_defaults
-from .tasks import TASKS, TaskSpec
+from mycelium.config import TrainConfig, task_defaults
+from mycelium.tasks import TASKS, TaskSpec
 
 HEADER = """\
 # MLflow Project: `mlflow run . -e c6 [-P name=value ...]`

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mycelium import checkpoint as ck
-from mycelium.model import Classifier, apply_freezing, load_backbone, transformer_blocks
-from mycelium.tiny_models import make_tiny_bert, make_tiny_qwen2
+from mycelium.model.backbone import load_backbone
+from mycelium.model.blocks import apply_freezing, transformer_blocks
+from mycelium.model.classifier import Classifier
+from mycelium.model.tiny import make_tiny_bert, make_tiny_qwen2
+from mycelium.serving import checkpoint as ck
 
 ROWS = [
     ("", "Natalia sold 48/2 = 24 clips in May."),

@@ -27,15 +27,21 @@ import pytest
 from mlflow import MlflowClient
 
 import mycelium
-from mycelium import api, serving
+from mycelium import api
 from mycelium.cli import main as cli_main
 from mycelium.config import config_from_args
 from mycelium.data.demo import write_demo_corpus
 from mycelium.data.loading import load_task_data
 from mycelium.data.split import split_records
-from mycelium.predict import InputError, parse_line, parse_model_arg, read_records
+from mycelium.serving import package as serving
+from mycelium.serving.predict import (
+    InputError,
+    parse_line,
+    parse_model_arg,
+    read_records,
+)
 from mycelium.stack import free_port
-from mycelium.train import run
+from mycelium.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

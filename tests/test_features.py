@@ -15,25 +15,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mycelium.features import (
-    FeatureCache,
+from mycelium.cache.passes import (
     PrefixStates,
+    compute_pooled,
+    compute_prefix,
+    for_each_batch,
+    verify_suffix,
+)
+from mycelium.cache.store import (
+    FeatureCache,
     auto_cache_budget_gb,
     available_ram_bytes,
     cached_compute,
-    compute_pooled,
-    compute_prefix,
     default_cache_root,
     fits,
-    for_each_batch,
     prefix_bytes,
-    suffix_encode,
-    supports_suffix,
-    verify_suffix,
 )
-from mycelium.model import Classifier, apply_freezing, load_backbone, transformer_blocks
+from mycelium.model.backbone import load_backbone
+from mycelium.model.blocks import apply_freezing, transformer_blocks
+from mycelium.model.classifier import Classifier
+from mycelium.model.suffix import suffix_encode, supports_suffix
+from mycelium.model.tiny import make_tiny_bert, make_tiny_qwen2
 from mycelium.text import pad_batch, tokenize
-from mycelium.tiny_models import make_tiny_bert, make_tiny_qwen2
 
 _WORDS = (
     "Natalia sold 48/2 = 24 clips in May. She sold 48 + 24 = 72 clips altogether in April and May. "
@@ -297,7 +300,7 @@ def test_gradients_match_full_forward(qwen):
 def test_cache_round_trip(tmp_path, caplog):
     cache = FeatureCache(tmp_path / "features")
     key = cache.key(backbone="minilm", revision="sha256:abc", split="train")
-    caplog.set_level(logging.INFO, logger="mycelium.features")
+    caplog.set_level(logging.INFO, logger="mycelium")
     assert cache.load(key) is None
     assert f"feature cache miss {key}" in caplog.text
 
@@ -377,7 +380,7 @@ def test_cached_compute(qwen, tmp_path, caplog):
         calls.append("prefix")
         return compute_prefix(model, ids, 2, pad_id=tok.pad_token_id, progress=False)
 
-    caplog.set_level(logging.INFO, logger="mycelium.features")
+    caplog.set_level(logging.INFO, logger="mycelium")
     first = cached_compute(cache, ("pooled", "train"), parts, pooled)
     again = cached_compute(cache, ("pooled", "train"), parts, pooled)
     assert calls == ["pooled"] and torch.equal(first, again) and "feature cache hit" in caplog.text
@@ -403,7 +406,9 @@ def test_prefix_cache_obeys_the_memory_budget(tmp_path, monkeypatch, caplog):
     the states runs the full forward and says so; a negative one is refused by name."""
     from mycelium.config import ConfigError, config_from_args
     from mycelium.data.demo import write_demo_corpus
-    from mycelium.train import Attempt, Source, prepare
+    from mycelium.train.attempts import Attempt
+    from mycelium.train.prepare import prepare
+    from mycelium.train.sources import Source
 
     write_demo_corpus(str(tmp_path / "data"), files=2, per_file=100, seed=3, tasks=("c6",), progress=False)
     monkeypatch.setenv("MYCELIUM_CACHE", str(tmp_path / "cache"))
@@ -415,7 +420,7 @@ def test_prefix_cache_obeys_the_memory_budget(tmp_path, monkeypatch, caplog):
         prep = prepare(cfg)
         return Source(prep, cfg, attempt), prep
 
-    caplog.set_level(logging.INFO, logger="mycelium.train")
+    caplog.set_level(logging.INFO, logger="mycelium")
     src, prep = source("0")
     assert prep.cache_memory_gb == pytest.approx(auto_cache_budget_gb(), rel=0.2) and prep.cache_memory_gb > 0
     assert src.mode == "prefix" and src.train_x.first_trainable == len(transformer_blocks(prep.model.backbone)) - 2

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mycelium.figure_worker import FigureWorker, render
+from mycelium.tracking.figure_worker import FigureWorker, render
 
 PNG = b"\x89PNG\r\n\x1a\n"
 C6 = ["INTEGER", "FRACTION", "RADICAL"]
@@ -49,7 +49,7 @@ def test_bad_arguments_raise_like_in_process(worker):
 
 def test_draws_in_process_when_the_helper_cannot_start(worker, monkeypatch, caplog):
     monkeypatch.setattr("sys.executable", os.path.join(os.sep, "nonexistent", "python"))
-    with caplog.at_level(logging.WARNING, logger="mycelium.figure_worker"):
+    with caplog.at_level(logging.WARNING, logger="mycelium.tracking.figure_worker"):
         data = worker.png("confusion_matrix", confusion=[[1, 0], [0, 1]], labels=C6[:2])
     assert data[:8] == PNG
     assert worker.pid is None

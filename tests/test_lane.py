@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from mycelium.tracking import Lane, TrackingError
+from mycelium.tracking.lane import Lane
+from mycelium.tracking.runs import TrackingError
 
 
 def test_jobs_run_in_order_on_one_background_thread():

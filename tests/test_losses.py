@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mycelium.losses import FocalLoss, class_weights, make_loss
+from mycelium.train.losses import FocalLoss, class_weights, make_loss
 
 
 def c4_labels(n: int = 10_000, minority_share: float = 0.026) -> list[int]:

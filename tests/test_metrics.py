@@ -8,7 +8,11 @@ import pytest
 from matplotlib.figure import Figure
 
 from mycelium.metrics import EpochReport, evaluate_predictions, metric_key, metric_name
-from mycelium.plots import attempts_figure, class_distribution_figure, confusion_matrix_figure
+from mycelium.tracking.figures import (
+    attempts_figure,
+    class_distribution_figure,
+    confusion_matrix_figure,
+)
 
 C6 = ["INTEGER", "FRACTION", "RADICAL", "SET", "EXPRESSION"]
 C4 = ["NOT_BRIDGING", "BRIDGING"]

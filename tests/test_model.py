@@ -9,20 +9,15 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from mycelium.model import (
+from mycelium.model.backbone import (
     BackboneLoadError,
-    Classifier,
-    apply_freezing,
-    count_trainable,
     default_pooling,
-    final_norm,
     load_backbone,
-    param_groups,
-    pool,
     resolve_backbone,
-    transformer_blocks,
 )
-from mycelium.tiny_models import make_tiny_bert, make_tiny_qwen2
+from mycelium.model.blocks import apply_freezing, final_norm, pool, transformer_blocks
+from mycelium.model.classifier import Classifier, count_trainable, param_groups
+from mycelium.model.tiny import make_tiny_bert, make_tiny_qwen2
 
 TEXTS = [
     "Natalia sold 48/2 = 24 clips in May.",

@@ -19,15 +19,15 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mycelium import threshold as decision
 from mycelium.config import ConfigError, config_from_args
 from mycelium.data.demo import write_demo_corpus
-from mycelium.losses import class_weights, make_loss
 from mycelium.metrics import evaluate_predictions
-from mycelium.model import load_backbone
-from mycelium.serving import output_frame
+from mycelium.model.backbone import load_backbone
+from mycelium.serving.package import output_frame
 from mycelium.text import encode_rows
-from mycelium.train import run
+from mycelium.train import threshold as decision
+from mycelium.train.losses import class_weights, make_loss
+from mycelium.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
 
 
 def test_head_recipe_search_registers_its_validation_winner(stack, tmp_path, monkeypatch):
-    from mycelium import search
+    from mycelium.train import search
 
     monkeypatch.setenv("MYCELIUM_STATE", str(tmp_path / "state"))
     prefix = f"s3://mycelium-data/tests/search-{uuid.uuid4().hex[:8]}"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mycelium.metrics import evaluate_predictions
-from mycelium.resume import ResumeState
+from mycelium.train.resume import ResumeState
 
 
 def _epoch(n: int, version=None):

@@ -14,8 +14,8 @@ import sys
 import textwrap
 import uuid
 import zipfile
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -24,9 +24,11 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from mycelium import checkpoint as ck
-from mycelium import serving
-from mycelium.model import Classifier, apply_freezing, load_backbone
+from mycelium.model.backbone import load_backbone
+from mycelium.model.blocks import apply_freezing
+from mycelium.model.classifier import Classifier
+from mycelium.serving import checkpoint as ck
+from mycelium.serving import package as serving
 
 LABELS = ["NOT_BRIDGING", "BRIDGING"]
 ROWS = [
@@ -176,7 +178,7 @@ def test_artifact_has_no_pickles_and_is_models_from_code(registered, tmp_path):
     assert {"MLmodel", "serving_model.py", "requirements.txt", "artifacts/checkpoint/manifest.json",
             "artifacts/checkpoint/trained.safetensors", "code/mycelium.zip"} <= set(files)
     with zipfile.ZipFile(local / "code" / "mycelium.zip") as z:
-        assert {"mycelium/__init__.py", "mycelium/checkpoint.py", "mycelium/serving_model.py"} <= set(z.namelist())
+        assert {"mycelium/__init__.py", "mycelium/serving/checkpoint.py", "mycelium/serving/serving_model.py"} <= set(z.namelist())
         assert not [n for n in z.namelist() if "__pycache__" in n or n.endswith(".pyc")]
     # One request per file through the artifact proxy: the model stays a handful of files.
     assert len(files) <= 12, files

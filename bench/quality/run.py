@@ -6,7 +6,7 @@
 It builds the template-split data sets (``bench/quality/data.py``), starts its own embedded stack
 (SeaweedFS S3 + MLflow server, as ``bench/run.py`` does) on free loopback ports, uploads each
 task's folder to ``s3://mycelium-data/quality/<task>/``, and trains every task x recipe in its own
-process through ``mycelium.train.run(cfg)`` — exactly what ``mlflow run . -e cX`` runs, so version
+process through ``mycelium.train.run.run(cfg)`` — exactly what ``mlflow run . -e cX`` runs, so version
 registration and the champion decision are part of what is checked — each recipe into its own
 registered model. The process then loads the winning version with ``mycelium.load`` and scores it
 on the test split (templates never seen in training or validation). The peer is the Hugging Face
@@ -194,11 +194,11 @@ def score_version(cfg, version: str) -> dict:
 
 def run_ours(job: QualityJob) -> dict:
     os.environ["MYCELIUM_STATE"] = str(Path(job.workdir) / "state")
-    from mycelium import train
     from mycelium.config import config_from_args
+    from mycelium.train.run import run as train
 
     cfg = config_from_args(job.argv, job.train_task)
-    result = train.run(cfg)
+    result = train(cfg)
     metric = "minority_f1" if cfg.spec.minority_label else "macro_f1"
     out: dict = {
         "attempts": [{"name": f"{a.attempt.index}-{a.attempt.name}", "epochs": len(a.epochs),

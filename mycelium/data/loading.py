@@ -1,6 +1,6 @@
 """Load task records from S3, a local folder or a ``file://`` URI, validated against a ``TaskSpec``.
 
-What this module guarantees (the data contract in DESIGN.md):
+What this module guarantees (the data contract):
 
 - Every data file under the prefix is read (all listing pages), whatever its size or number.
 - S3 objects are downloaded in parallel into a local cache keyed by bucket, key and ETag, so a

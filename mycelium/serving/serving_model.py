@@ -26,16 +26,16 @@ if os.path.isfile(_CODE_ZIP) and _CODE_ZIP not in sys.path:
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mycelium.serving import MAX_ROWS, output_frame, validate_input  # noqa: F401  (MAX_ROWS: documented limit)
+from mycelium.serving.package import MAX_ROWS, output_frame, validate_input  # noqa: F401  (MAX_ROWS: documented limit)
 
 
 class MyceliumClassifier(mlflow.pyfunc.PythonModel):
-    """Labels and class probabilities for raw task inputs (see ``mycelium.serving``)."""
+    """Labels and class probabilities for raw task inputs (see ``mycelium.serving.package``)."""
 
     def load_context(self, context):
         import torch
 
-        from mycelium.checkpoint import load_checkpoint
+        from mycelium.serving.checkpoint import load_checkpoint
 
         device = os.environ.get("MYCELIUM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = int(os.environ.get("MYCELIUM_BATCH_SIZE") or 64)
@@ -46,7 +46,7 @@ class MyceliumClassifier(mlflow.pyfunc.PythonModel):
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from mycelium.checkpoint import predict_proba
+        from mycelium.serving.checkpoint import predict_proba
 
         rows = validate_input(model_input, self.manifest)
         probs = predict_proba(self.model, self.tokenizer, self.manifest, rows, batch_size=self.batch_size)

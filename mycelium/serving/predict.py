@@ -159,7 +159,7 @@ def run_predict(args) -> int:
     from tqdm.auto import tqdm
 
     from mycelium import api
-    from mycelium.checkpoint import CheckpointError
+    from mycelium.serving.checkpoint import CheckpointError
     from mycelium.tasks import get_task
 
     source = "stdin" if args.input == "-" else args.input
@@ -193,7 +193,7 @@ def run_predict(args) -> int:
 def write_predictions(model, records: list[dict], rows: list[tuple[str, ...]], output: str | None,
                       batch_size: int, progress: bool, tqdm) -> None:
     from mycelium.api import to_predictions
-    from mycelium.checkpoint import predict_proba
+    from mycelium.serving.checkpoint import predict_proba
 
     tmp = None
     if output and output != "-":

@@ -9,12 +9,11 @@ a long training run; callers need not close them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .metrics import metric_key
+from mycelium.metrics import metric_key
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

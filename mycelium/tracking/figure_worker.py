@@ -30,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-log = logging.getLogger("mycelium.figure_worker")
+log = logging.getLogger(__name__)
 
 KINDS = ("class_distribution", "confusion_matrix", "attempts")
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
@@ -38,7 +38,7 @@ _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyErro
 
 def render(kind: str, **kwargs) -> bytes:
     """PNG bytes of ``plots.<kind>_figure(**kwargs)``, drawn in this process."""
-    from mycelium import plots
+    from mycelium.tracking import figures as plots
 
     if kind not in KINDS:
         raise ValueError(f"unknown figure kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -66,7 +66,7 @@ class FigureWorker:
         # The helper imports this package from where this process found it (a checkout need not be installed).
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        return subprocess.Popen([sys.executable, "-m", "mycelium.figure_worker"], stdin=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "mycelium.tracking.figure_worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env)
 
     def start(self) -> None:
@@ -153,7 +153,7 @@ def _serve() -> None:
     sys.stdout = sys.stderr  # stdout carries replies only: a stray print must not corrupt one
     from matplotlib.figure import Figure  # noqa: F401 - the slow import, done before the first request arrives
 
-    from mycelium import plots  # noqa: F401
+    from mycelium.tracking import figures as plots  # noqa: F401
     while True:
         head = stdin.read(4)
         if len(head) < 4:

@@ -20,7 +20,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
 
 # Qwen2's special tokens: <|endoftext|> pads, <|im_end|> ends a chat turn (the Instruct eos).
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -39,8 +45,18 @@ def _check_side(padding_side: str) -> None:
 
 def make_qwen2_tokenizer(vocab_size: int = 4096, padding_side: str = "left", pad_token: bool = True):
     """A byte-level BPE ``Qwen2Tokenizer`` trained on the words of MiniLM's packaged vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers.models.qwen2.tokenization_qwen2 import (
+        PRETOKENIZE_REGEX,
+        Qwen2Tokenizer,
+    )
 
     _check_side(padding_side)
     words = [

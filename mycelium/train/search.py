@@ -14,12 +14,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .loop import early_stop, evaluate, lr_schedule, objective, score_epoch, train_one_epoch
-from .model import param_groups
+from mycelium.model.classifier import param_groups
+from mycelium.train.loop import (
+    early_stop,
+    evaluate,
+    lr_schedule,
+    objective,
+    score_epoch,
+    train_one_epoch,
+)
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .train import Prepared, Source
+    from mycelium.config import TrainConfig
+    from mycelium.train.prepare import Prepared
+    from mycelium.train.sources import Source
 
 WEIGHTS = ("none", "balanced", "sqrt_inv", "effective")
 LOSSES = ("ce", "logit_adjusted", "focal")

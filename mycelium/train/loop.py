@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import features
-from .metrics import EpochReport, evaluate_predictions
-from .threshold import predict as decide_labels, resolve as resolve_threshold
+from mycelium.cache.passes import for_each_batch
+from mycelium.metrics import EpochReport, evaluate_predictions
+from mycelium.train.threshold import predict as decide_labels
+from mycelium.train.threshold import resolve as resolve_threshold
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .train import Prepared, Source
+    from mycelium.config import TrainConfig
+    from mycelium.train.prepare import Prepared
+    from mycelium.train.sources import Source
 
 
 @dataclass
@@ -34,7 +36,7 @@ class EpochResult:
     val_loss: float
     version: str | None
     probs: np.ndarray = field(repr=False)
-    threshold: dict | None = None  # the binary decision threshold (mycelium.threshold); None = argmax
+    threshold: dict | None = None  # the binary decision threshold (mycelium.train.threshold); None = argmax
     argmax: dict[str, float] = field(default_factory=dict)  # argmax metrics beside a threshold's, for the log
 
 
@@ -77,7 +79,7 @@ def evaluate(source: Source, loss_fn: torch.nn.Module, prep: Prepared) -> tuple[
         return loss * len(idx), len(idx)
 
     total, n = 0.0, 0
-    for loss_sum, rows in features.for_each_batch(source.batches("val", None), run, prep.device):
+    for loss_sum, rows in for_each_batch(source.batches("val", None), run, prep.device):
         total += loss_sum
         n += rows
     return probs.numpy(), total / max(n, 1)
@@ -111,7 +113,7 @@ def early_stop(epochs: list[EpochResult], patience: int, metric: str) -> str | N
 
 def objective(prep: Prepared, cfg: TrainConfig, weights_scheme: str, loss: str) -> tuple[torch.nn.Module, np.ndarray]:
     """The loss of a recipe on this training split, and the class weights it uses."""
-    from .losses import class_weights, make_loss
+    from mycelium.train.losses import class_weights, make_loss
 
     weights = class_weights(prep.y_train.tolist(), len(prep.labels), weights_scheme, clip=cfg.weight_clip,
                             explicit=[float(w) for w in cfg.explicit_weights.split(",")] if cfg.explicit_weights else None,

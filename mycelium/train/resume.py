@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .metrics import EpochReport
+from mycelium.metrics import EpochReport
 
 
 def _root() -> Path:
@@ -124,7 +124,7 @@ class ResumeState:
         return int(meta["epoch"])
 
     def epoch_results(self) -> list:
-        from .loop import EpochResult
+        from mycelium.train.loop import EpochResult
 
         return [
             EpochResult(e["epoch"], EpochReport.from_dict(e["report"]), e["train_loss"], e["val_loss"], e["version"], np.empty((0, 0)),
@@ -135,7 +135,7 @@ class ResumeState:
     @staticmethod
     def finished_attempt(run, attempt, prep):
         """An attempt that completed before the kill: its results from the local state."""
-        from .train import AttemptResult
+        from mycelium.train.attempts import AttemptResult
 
         parent = run.data.tags["mlflow.parentRunId"]
         state = ResumeState.load(parent, attempt)

@@ -1,0 +1,124 @@
+"""Architecture knowledge: where the transformer blocks are, pooling, freezing, and running only the
+last blocks on cached hidden states (the suffix forward).
+
+Freezing: ``apply_freezing(backbone, n)`` leaves only the last ``n`` transformer blocks (and the
+final norm after them, when the architecture has one) trainable; ``n = 0`` is the seed's
+"frozen backbone, classification head only".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from mycelium.model.classifier import Classifier
+
+POOLINGS: tuple[str, ...] = ("last", "mean")
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of each row's last real token: the rightmost position whose mask is 1, so it
+    is right for left and right padding alike (an all-padding row gives 0)."""
+    B, T = attention_mask.shape
+    positions = torch.arange(T, device=attention_mask.device).expand(B, T)
+    return torch.where(attention_mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[B, T, H]`` hidden states -> ``[B, H]`` features.
+
+    ``last``: the hidden state of each row's last real token, found from the mask, so it is right
+    for left and right padding alike. ``mean``: mean over real tokens, accumulated in float32.
+    """
+    B, T, _ = hidden.shape
+    mask = attention_mask.to(hidden.device)
+    if kind == "last":
+        return hidden[torch.arange(B, device=hidden.device), last_positions(mask)]
+    if kind == "mean":
+        m = mask.to(torch.float32).unsqueeze(-1)
+        summed = (hidden.to(torch.float32) * m).sum(dim=1)
+        return (summed / m.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {kind!r}: choose one of {', '.join(POOLINGS)}")
+
+
+def _base(backbone: nn.Module) -> nn.Module:
+    # A *ForCausalLM / *ForSequenceClassification wrapper keeps the transformer in `.model` etc.
+    for attr in ("model", "transformer", "bert", "roberta"):
+        inner = getattr(backbone, attr, None)
+        if isinstance(inner, PreTrainedModel):
+            return inner
+    return backbone
+
+
+def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: Qwen2/Llama ``.layers``, BERT ``.encoder.layer``, GPT-2 ``.h``;
+    otherwise the largest ``ModuleList`` in the model."""
+    base = _base(backbone)
+    for path in ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h", "blocks"):
+        obj: object = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"no transformer blocks (nn.ModuleList) found in {type(backbone).__name__}")
+    return max(lists, key=len)
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The norm after the last block (Qwen2/Llama ``.norm``, GPT-2 ``.ln_f``); None when absent (BERT)."""
+    base = _base(backbone)
+    for attr in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+        mod = getattr(base, attr, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+def apply_freezing(backbone: nn.Module, n_unfrozen: int) -> None:
+    """Freeze everything, then make the last ``n_unfrozen`` blocks (+ the final norm, if any) trainable."""
+    blocks = transformer_blocks(backbone)
+    if n_unfrozen < 0 or n_unfrozen > len(blocks):
+        raise ValueError(
+            f"cannot unfreeze {n_unfrozen} blocks: {type(backbone).__name__} has {len(blocks)} (0..{len(blocks)})"
+        )
+    backbone.requires_grad_(False)
+    if n_unfrozen == 0:
+        return
+    for block in blocks[len(blocks) - n_unfrozen :]:
+        block.requires_grad_(True)
+    norm = final_norm(backbone)
+    if norm is not None:
+        # The final norm sits between the unfrozen blocks and the head: train it with them.
+        norm.requires_grad_(True)
+
+
+def compute_dtype(model: Classifier) -> torch.dtype:
+    """The dtype of the residual stream in the full forward: the backbone's parameter dtype."""
+    return next(model.backbone.parameters()).dtype
+
+
+class ModesSaved:
+    """Put a module in eval mode for the duration, then restore every submodule's own mode."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.modes: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

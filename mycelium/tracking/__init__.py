@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, the tracking thread, publishing an epoch, the registry and champion, figures."""

@@ -1,0 +1,403 @@
+"""The training core shared by C4, C5 and C6: the fallback ladder and the champion.
+
+``run(cfg)`` loads and splits the data, opens a parent MLflow run, trains the first attempt (the
+seed's recipe), climbs the task's fallback ladder when that attempt is weak or collapsed, and
+promotes the best epoch to ``champion``. ``train_attempt`` runs one attempt's epochs
+(``mycelium.train.loop``) and hands each to the tracking thread (``mycelium.tracking.publish``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+
+from mycelium.config import TrainConfig
+from mycelium.data.loading import write_rejects_jsonl
+from mycelium.metrics import evaluate_predictions
+from mycelium.model.blocks import apply_freezing, transformer_blocks
+from mycelium.model.classifier import count_trainable, param_groups
+from mycelium.serving.package import ModelTemplate
+from mycelium.tracking import figure_worker
+from mycelium.tracking.lane import Lane
+from mycelium.tracking.publish import (
+    epoch_manifest,
+    publish_epoch,
+    save_epoch_checkpoint,
+)
+from mycelium.tracking.registry import (
+    Candidate,
+    Decision,
+    decide_promotion,
+    ensure_registered_model,
+    tag_version,
+)
+from mycelium.tracking.runs import (
+    child_runs,
+    find_resumable,
+    log_batch,
+    log_params_once,
+    log_png,
+    preflight,
+    scrub,
+    system_tags,
+    ui_url,
+)
+from mycelium.train import search
+from mycelium.train.attempts import (
+    Attempt,
+    AttemptResult,
+    best_of_attempts,
+    first_name,
+    next_attempt,
+    selection_metric,
+)
+from mycelium.train.loop import (
+    EpochResult,
+    early_stop,
+    evaluate,
+    lr_schedule,
+    objective,
+    score_epoch,
+    train_one_epoch,
+)
+from mycelium.train.prepare import Prepared, prepare
+from mycelium.train.resume import ResumeState
+from mycelium.train.sources import Source
+from mycelium.train.threshold import predict as decide_labels
+
+log = logging.getLogger(__name__)
+
+
+def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: str, parent_run_id: str,
+                  resume: ResumeState | None, lane: Lane) -> AttemptResult:
+    """One attempt's epochs. Each epoch's logging and registration goes to ``lane`` (the tracking
+    thread) and overlaps the next epoch; the attempt returns once all of them are registered."""
+    model, device = prep.model, prep.device
+    # Every attempt starts from the pretrained backbone and a fresh head.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in prep.pristine:
+                p.copy_(prep.pristine[name])
+    torch.manual_seed(cfg.seed + attempt.index)
+    model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    apply_freezing(model.backbone, attempt.unfrozen_layers)
+    # The parts of the epochs' pyfunc models that do not change, made on the tracking thread.
+    template = lane.submit(ModelTemplate, epoch_manifest(prep, cfg, attempt), cfg.bundle_backbone)
+    # The backbone pass runs alone (the tracking thread waits), so nothing needs the short GIL
+    # switch interval; its two batch threads ran ~3% faster at CPython's default 5 ms than at
+    # 0.1 ms (MiniLM, 4,000 C4 texts, 2 cores: slower at 0.1 ms in 6 of 8 alternating pairs, by
+    # 0.5 s of ~15 s on average).
+    with lane.paused(), _gil_switch_interval(0.005):
+        source = Source(prep, cfg, attempt)
+
+    loss_fn, weights = objective(prep, cfg, attempt.class_weights, attempt.loss)
+    # fused: one kernel per step for all parameters; torch's CPU default is a Python loop over them.
+    optimizer = torch.optim.AdamW(param_groups(model, attempt.lr_head or cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
+    steps_per_epoch = len(source.batches("train", None))
+    schedule = lr_schedule(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
+    counts = count_trainable(model)
+    mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
+                       "lr_head": attempt.lr_head or cfg.lr_head,
+                       "loss": attempt.loss, "focal_gamma": cfg.focal_gamma if attempt.loss == "focal" else "",
+                       "batches_from": source.mode, "trainable_params": counts["total"], "trainable_backbone_params": counts["backbone"],
+                       **{f"weight_{label}": f"{w:.4f}" for label, w in zip(prep.labels, weights)}})
+
+    result = AttemptResult(attempt, run_id, [])
+    start_epoch = 1
+    if resume is not None:
+        start_epoch = resume.restore(model, optimizer, scaler) + 1
+        result.epochs = resume.epoch_results()
+        with warnings.catch_warnings():  # stepping a fresh schedule to where the run stopped, without optimizer steps
+            warnings.simplefilter("ignore")
+            for _ in range((start_epoch - 1) * steps_per_epoch):
+                schedule.step()
+        log.info("resuming attempt %s at epoch %d", attempt.name, start_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 * attempt.index)
+    for _ in range(1, start_epoch):  # keep the shuffling sequence identical to an uninterrupted run
+        source.batches("train", generator)
+
+    run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
+    threads = torch.get_num_threads()
+    if source.mode == "pooled" and device.type == "cpu":
+        # A head on cached features is a few tiny matmuls per step: a second intra-op thread costs
+        # more in synchronisation than it saves, and every op stalls while the tracking thread or
+        # the local MLflow/S3 servers hold the other core.
+        torch.set_num_threads(1)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stop_reason := early_stop(result.epochs, cfg.early_stopping, selection_metric(cfg)):
+                log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
+                mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
+                break
+            lane.check()  # a failed upload of an earlier epoch stops training here
+            train_loss = train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler,
+                                         schedule, prep.autocast, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
+            probs, val_loss = evaluate(source, loss_fn, prep)
+            ep = score_epoch(epoch, probs, prep, cfg)
+            ep.train_loss, ep.val_loss = train_loss, val_loss
+            result.epochs.append(ep)
+            # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
+            ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
+            pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
+            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
+                        may_exist=resume is not None and epoch == start_epoch)
+    except BaseException:
+        lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
+        raise
+    else:
+        lane.drain()
+    finally:
+        torch.set_num_threads(threads)
+        # Every job of this attempt has run (or will never run) by now: the template is done with.
+        if template.done() and template.exception() is None:
+            template.result().close()
+    return result
+
+
+@dataclass
+class RunResult:
+    parent_run_id: str
+    attempts: list[AttemptResult]
+    winner: tuple[AttemptResult, EpochResult] | None
+    decision: Decision
+    labels: list[str]
+    ui: str
+
+
+@contextmanager
+def _gil_switch_interval(seconds: float):
+    """CPython's GIL switch interval for the duration of the block."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train a task end to end (see the module docstring); the result names the parent run."""
+    # The training thread shares the GIL with the tracking thread. CPython hands it back to a
+    # waiting thread only every 5 ms by default, which the training thread pays after each of its
+    # many short torch calls. 2-core measurements, a head-only step (2.5 ms alone) while another
+    # thread draws confusion matrices: 18-19 ms at 5 ms, 16 ms at 0.5 ms, 7.7 ms at 0.1 ms, and
+    # the drawing thread no slower (it holds the GIL; the torch calls mostly do not).
+    try:
+        with _gil_switch_interval(min(sys.getswitchinterval(), 0.0001)):
+            return _run(cfg)
+    finally:
+        figure_worker.shutdown()
+
+
+def _run(cfg: TrainConfig) -> RunResult:
+    cfg.validate()
+    figure_worker.start()  # its matplotlib import overlaps data loading
+    preflight()
+    prep = prepare(cfg)
+    metric = selection_metric(cfg)
+    mlflow.set_experiment(cfg.experiment)
+    ensure_registered_model(cfg.registered_model, cfg.spec.description)
+
+    resumed = find_resumable(cfg.experiment, cfg.task, prep.data.fingerprint) if cfg.resume else None
+    if cfg.resume and resumed is None:
+        log.warning("resume=true but no unfinished run of %s on this data: starting a new run", cfg.task)
+    parent_id = resumed.info.run_id if resumed else None
+    # `mlflow run` opens a run (MLFLOW_RUN_ID) in the experiment named on its command line. It becomes
+    # the parent when it is in this task's experiment; otherwise the parent goes to the task's
+    # experiment (one experiment per task) and the launcher run gets a link to it.
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher and parent_id is None:
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is not None and MlflowClient().get_run(launcher).info.experiment_id == exp.experiment_id:
+            parent_id, launcher = launcher, None
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent, Lane(paused=True) as lane:
+        pid = parent.info.run_id
+        if resumed is None:
+            # The tags that make the run findable (and resumable) now; the rest on the tracking thread.
+            mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
+                             "mycelium_role": "parent", "mycelium_state": "running", **system_tags()})
+            lane.submit(_log_parent_start, prep, cfg, pid)
+        done = {int(r.data.tags["attempt_index"]): r for r in child_runs(pid, parent.info.experiment_id)
+                if r.data.tags.get("mycelium_role") == "attempt"} if resumed else {}
+
+        n_blocks = len(transformer_blocks(prep.model.backbone))
+        if 1 in done:  # a resumed run continues the first attempt it chose
+            tags = done[1].data.tags
+            attempt = Attempt(1, tags["attempt"], int(tags["unfrozen_layers"]), tags["class_weights"], tags["loss"], tags["changed"],
+                              float(done[1].data.params.get("lr_head", cfg.lr_head)))
+        elif cfg.search == "grid" and cfg.unfrozen_layers == 0:
+            attempt = _search_first_attempt(prep, cfg, lane)
+        else:
+            attempt = Attempt(1, first_name(cfg), cfg.unfrozen_layers, cfg.class_weights, cfg.loss, "seed recipe")
+        results: list[AttemptResult] = []
+        steps = list(cfg.fallback_steps())
+        while attempt is not None:
+            results.append(_run_child(prep, cfg, attempt, pid, done.get(attempt.index), lane))
+            attempt = None
+            while steps and attempt is None:
+                attempt = next_attempt(steps.pop(0), results, cfg, n_blocks)
+
+        lane.submit(_log_attempts_figure, prep, cfg, results, pid)  # drawn and uploaded while the champion is decided
+        winner = best_of_attempts(results, metric)
+        candidate = Candidate(winner[1].version, metric, winner[1].report.metrics[metric], prep.data.fingerprint) if winner else None
+        decision = decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg),
+                                             min_metric=cfg.min_metric)
+        _log_parent_end(cfg, results, winner, decision, pid)
+        lane.drain()
+        mlflow.set_tag("mycelium_state", "done")  # last: a run without it is resumable
+        ui = ui_url(parent)
+    if launcher:
+        MlflowClient().set_tag(launcher, "mycelium_training_run", ui)
+        log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
+                 cfg.experiment, ui, cfg.experiment)
+    ResumeState.clear(pid)
+    return RunResult(pid, results, winner, decision, prep.labels, ui)
+
+
+def _search_first_attempt(prep: Prepared, cfg: TrainConfig, lane: Lane) -> Attempt:
+    """The head recipe search (``-P search=grid``) as a ``0-search`` child run; its winner is attempt 1."""
+    metric = selection_metric(cfg)
+    probe = Attempt(1, "search", 0, cfg.class_weights, cfg.loss, "")
+    apply_freezing(prep.model.backbone, 0)
+    with lane.paused(), _gil_switch_interval(0.005):
+        source = Source(prep, cfg, probe)  # the cached features the first attempt then reuses
+    threads = torch.get_num_threads()
+    if prep.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny head matmuls, as in train_attempt
+    try:
+        trials = search.search_heads(prep, cfg, source, metric)
+    finally:
+        torch.set_num_threads(threads)
+    win = search.best(trials)
+    with mlflow.start_run(run_name="0-search", nested=True):
+        mlflow.set_tags({"mycelium_role": "search", "task": cfg.task, "data_fingerprint": prep.data.fingerprint,
+                         "chosen": win.recipe.name})
+        mlflow.log_params({"trials": len(trials), "chosen_class_weights": win.recipe.class_weights, "chosen_loss": win.recipe.loss,
+                           "chosen_lr_head": win.recipe.lr_head})
+        mlflow.log_metrics({f"best_{metric}": win.metric})
+        mlflow.log_table({"recipe": [t.recipe.name for t in trials], "class_weights": [t.recipe.class_weights for t in trials],
+                          "loss": [t.recipe.loss for t in trials], "lr_head": [t.recipe.lr_head for t in trials],
+                          f"val_{metric}": [t.metric for t in trials], "best_epoch": [t.epoch or 0 for t in trials],
+                          "epochs_run": [t.epochs_run for t in trials]}, "search_trials.json")
+    log.info("head recipe search: %d trials, best %s (val %s %.4f)", len(trials), win.recipe.name, metric, win.metric)
+    r = win.recipe
+    return Attempt(1, f"frozen-{r.class_weights}-{r.loss}", 0, r.class_weights, r.loss,
+                   f"head recipe search winner of {len(trials)} (lr_head {r.lr_head:g})", r.lr_head)
+
+
+def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: str, previous, lane: Lane) -> AttemptResult:
+    resume = None
+    if previous is not None:
+        if previous.data.tags.get("mycelium_state") == "done":
+            return ResumeState.finished_attempt(previous, attempt, prep)
+        resume = ResumeState.load(parent_id, attempt)
+    run_name = f"{attempt.index}-{attempt.name}"
+    with mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else run_name, nested=True) as child:
+        if previous is None:
+            mlflow.set_tags({"attempt_index": attempt.index, "attempt": attempt.name, "changed": attempt.changed,
+                             "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights, "loss": attempt.loss,
+                             "task": cfg.task, "data_fingerprint": prep.data.fingerprint, "mycelium_role": "attempt"})
+        result = train_attempt(prep, cfg, attempt, child.info.run_id, parent_id, resume, lane)
+        best = result.best(selection_metric(cfg))
+        mlflow.set_tags({"best_epoch": best.epoch if best else "none", "mycelium_state": "done",
+                         "attempt_collapsed": str(best is None).lower()})
+    return result
+
+
+def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None:
+    """The current champion's selection metric on this run's validation data (it was trained on other data)."""
+    from mycelium.serving.checkpoint import (
+        clear_backbone_cache,
+        load_checkpoint,
+        predict_proba,
+    )
+
+    try:
+        path = mlflow.artifacts.download_artifacts(f"models:/{cfg.registered_model}/{champion_version.version}")
+        model, tokenizer, manifest = load_checkpoint(Path(path) / "artifacts" / "checkpoint", device=prep.device)
+        if list(manifest["labels"]) != prep.labels:
+            log.warning("champion v%s has labels %s, this data %s: not comparable", champion_version.version, manifest["labels"], prep.labels)
+            return None
+        probs = predict_proba(model, tokenizer, manifest, prep.val_rows, device=prep.device)
+    except Exception as e:  # noqa: BLE001 - an unloadable champion is kept, with the reason logged
+        log.warning("could not re-score champion v%s on this data: %s", champion_version.version, e)
+        return None
+    finally:
+        clear_backbone_cache()  # the champion's backbone copy is not needed after scoring
+    labels = decide_labels(probs, prep.labels, manifest.get("threshold"))  # the champion's own decision rule
+    report = evaluate_predictions(prep.y_val.numpy(), labels, prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
+    return None if report.collapsed else report.metrics[selection_metric(cfg)]
+
+
+def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
+    """Params, the class distribution (metrics, JSON, bar chart) and rejected records of the parent
+    run, by run id: it runs on the tracking thread (after the first backbone pass)."""
+    client = MlflowClient()
+    params = cfg.params()
+    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
+                   "pass_token_budget_resolved": prep.pass_budget,
+                   "cache_memory_gb_resolved": prep.cache_memory_gb,
+                   "backbone_revision": prep.info.revision,
+                   "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
+                   "selection_metric": selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
+                   **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
+    log_params_once(scrub({k: str(v)[:6000] for k, v in params.items()}), run_id)
+    # Class distribution before training: metrics, a JSON and a bar chart.
+    counts = {s: dict(c) for s, c in prep.split.counts.items() if sum(c.values())}
+    metrics = {}
+    for split_name, per_label in counts.items():
+        total = sum(per_label.values())
+        metrics.update({f"{split_name}_count_{k}": float(v) for k, v in per_label.items()})
+        metrics.update({f"{split_name}_share_{k}": v / total for k, v in per_label.items()})
+    if prep.data.rejects:
+        metrics["data_skipped"] = float(prep.data.n_skipped)
+    log_batch(client, run_id, metrics, 0, {})
+    client.log_text(run_id, json.dumps({"counts": counts, "warnings": prep.split.warnings}, indent=2), "data/class_distribution.json")
+    log_png(client, run_id, figure_worker.png("class_distribution", counts=counts, title=f"{cfg.task} class distribution"),
+                     "data/class_distribution.png")
+    if prep.data.rejects:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "rejected_records.jsonl"
+            write_rejects_jsonl(prep.data.rejects, path)
+            client.log_artifact(run_id, str(path), "data")
+
+
+def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[AttemptResult], run_id: str) -> None:
+    """Each attempt's best epoch side by side (per-class F1, predicted vs true distribution), by run id."""
+    metric = selection_metric(cfg)
+    attempts = {}
+    for r in results:
+        best = r.best(metric) or max(r.epochs, key=lambda e: e.report.metrics[metric])
+        attempts[f"{r.attempt.index}-{r.attempt.name}"] = best.report.metrics
+    log_png(MlflowClient(), run_id, figure_worker.png("attempts", attempts=attempts, labels=prep.labels),
+                     "attempts_comparison.png")
+
+
+def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: Decision, run_id: str) -> None:
+    """The winner and the promotion decision: parent run tags and metrics in one request, and the winning version's tags."""
+    metric = selection_metric(cfg)
+    tags = decision.as_tags()
+    metrics = {"attempts": float(len(results))}
+    if winner:
+        r, e = winner
+        tags.update({"winner_attempt": f"{r.attempt.index}-{r.attempt.name}", "winner_run_id": r.run_id,
+                     "winner_epoch": str(e.epoch), "winner_version": str(e.version)})
+        metrics.update({f"best_{metric}": e.report.metrics[metric], "best_macro_f1": e.report.metrics["macro_f1"]})
+        # The version already carries its run, attempt and epoch (registration tags): it gets the decision only.
+        tag_version(cfg.registered_model, e.version, decision.as_tags())
+    else:
+        tags["winner_attempt"] = "none (all collapsed)"
+    log_batch(MlflowClient(), run_id, metrics, 0, tags)
+
