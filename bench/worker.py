@@ -146,7 +146,7 @@ def final_metrics(reports: list, key: str) -> dict:
 def selection_metric(task: str) -> str:
     from mycelium.tasks import get_task
 
-    return "minority_f1" if get_task(task).selection_metric == "minority_f1" else "macro_f1"
+    return get_task(task).selection_metric
 
 
 # ---------------------------------------------------------------------------------------------

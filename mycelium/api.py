@@ -49,9 +49,10 @@ from typing import Any
 
 import numpy as np
 
+from mycelium.tasks import CHAMPION
+
 __all__ = ["InvalidInputError", "ModelLoadError", "ModelNotFoundError", "Prediction", "TaskModel", "load"]
 
-CHAMPION = "champion"
 DEFAULT_BATCH_SIZE = 64
 _UNLIMITED_ROWS = 2**62
 
@@ -433,19 +434,6 @@ def _backbone_options(manifest: dict) -> str:
     )
 
 
-def _to_dtype(dtype):
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(names)}, got {dtype!r}") from None
-
-
 def load(
     task: str,
     alias: str = CHAMPION,
@@ -470,6 +458,7 @@ def load(
     default float32 as in validation).
     """
     from mycelium.model.backbone import BackboneLoadError
+    from mycelium.model.blocks import as_dtype
     from mycelium.serving.checkpoint import (
         BUNDLED_BACKBONE_DIR,
         load_checkpoint,
@@ -489,7 +478,7 @@ def load(
     device = str(device) if device is not None else default_device()
     what = f"{source.registered_model} v{source.version}" if source.version else source.uri
     try:
-        model, tokenizer, manifest = load_checkpoint(ckpt, device=device, backbone_override=backbone, dtype=_to_dtype(dtype))
+        model, tokenizer, manifest = load_checkpoint(ckpt, device=device, backbone_override=backbone, dtype=None if dtype is None else as_dtype(dtype))
     except (BackboneLoadError, ImportError) as e:
         bb = manifest["backbone"]
         reason = str(e).split("\nChoose the backbone", 1)[0]  # the training-time advice does not apply here

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mycelium.tasks import CHAMPION
+
 
 def _stack_config(args: argparse.Namespace):
     from mycelium import stack
@@ -106,7 +108,7 @@ def _add_predict(sub) -> None:
         "Output: JSONL {\"id\", \"label\", \"probabilities\"} in input order.",
     )
     p.add_argument("--task", required=True, choices=["c4", "c5", "c6"])
-    p.add_argument("--model", default="champion",
+    p.add_argument("--model", default=CHAMPION,
                    help="alias (default champion), version number, or model URI (models:/..., runs:/<run_id>/<name>, folder)")
     p.add_argument("--registered-model", default=None, help="registered model name (default mycelium-<task>)")
     p.add_argument("--input", required=True, help="JSONL file (.jsonl or .jsonl.gz), or - for stdin")

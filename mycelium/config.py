@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mycelium.tasks import TaskSpec, get_task
+from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES
 
 DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
-from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
 INPUT_FIELDS = ("problem", "step_i", "step_j")  # the record fields a model can read (data contract)
 POOLINGS = ("auto", "last", "mean")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def state_root() -> Path:
+    """Local working state (resume states, checkpoints awaiting upload): $MYCELIUM_STATE, else .mycelium."""
+    return Path(os.environ.get("MYCELIUM_STATE", ".mycelium"))
 
 
 class ConfigError(ValueError):
@@ -61,7 +68,6 @@ class TrainConfig:
     # the cached features and register the best on validation (mycelium.search); none: the recipe as given.
     search: str = "none"
     precision: str = "auto"
-    num_workers: int = 4
     max_length: int = 128
     seed: int = 0
     val_fraction: float = 0.2
@@ -155,8 +161,6 @@ class TrainConfig:
             raise bad("focal_gamma", "must be >= 0")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
-        if self.num_workers < 0:
-            raise bad("num_workers", "must be >= 0")
         if not 8 <= self.max_length <= 32768:
             raise bad("max_length", "must be between 8 and 32768 tokens")
         if not 0 < self.val_fraction < 1:
@@ -215,13 +219,12 @@ def task_defaults(spec: TaskSpec) -> dict:
     return {
         "unfrozen_layers": spec.unfrozen_layers,
         "class_weights": spec.class_weights,
-        "weight_clip": spec.weight_clip if spec.weight_clip >= 1 else 5.0,
+        "weight_clip": spec.weight_clip,
         "loss": spec.loss,
         "focal_gamma": spec.focal_gamma,
         "lr_head": spec.lr_head,
         "lr_backbone": spec.lr_backbone,
         "epochs": spec.epochs,
-        "num_workers": spec.num_workers,
         "threshold": spec.threshold,
     }
 

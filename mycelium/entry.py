@@ -22,7 +22,7 @@ def setup_logging() -> None:
 
 
 def print_summary(result, cfg, console: Console) -> None:
-    metric = "minority_f1" if cfg.spec.selection_metric == "minority_f1" else "macro_f1"
+    metric = cfg.spec.selection_metric
     attempts = Table(title=f"{cfg.task}: attempts (best epoch of each)")
     for col in ("attempt", "best epoch", metric, "macro F1", "collapsed", "version"):
         attempts.add_column(col)

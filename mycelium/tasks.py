@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+CHAMPION = "champion"  # the registry alias a service loads; moved only by the champion decision
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -38,7 +40,6 @@ class TaskSpec:
     # Binary decision rule: "auto" = a threshold tuned on validation, "none" = argmax (quality benchmark).
     threshold: str = "none"
     epochs: int = 5
-    num_workers: int = 4
     separator: str = " [SEP] "
     # Fields that only give context: truncation cuts them first and keeps the other fields whole.
     context_fields: tuple[str, ...] = ("problem",)
@@ -62,7 +63,7 @@ TASKS: dict[str, TaskSpec] = {
         registered_model="mycelium-c4",
         unfrozen_layers=0,
         class_weights="balanced",  # BRIDGING ~19x at 2.6%
-        weight_clip=0.0,
+        weight_clip=5.0,
         loss="ce",
         focal_gamma=2.0,
         lr_head=1e-3,
@@ -82,7 +83,7 @@ TASKS: dict[str, TaskSpec] = {
         registered_model="mycelium-c5",
         unfrozen_layers=0,
         class_weights="balanced",  # from the measured distribution
-        weight_clip=0.0,
+        weight_clip=5.0,
         loss="ce",
         focal_gamma=2.0,
         lr_head=1e-3,

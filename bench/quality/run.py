@@ -199,7 +199,7 @@ def run_ours(job: QualityJob) -> dict:
 
     cfg = config_from_args(job.argv, job.train_task)
     result = train(cfg)
-    metric = "minority_f1" if cfg.spec.minority_label else "macro_f1"
+    metric = cfg.spec.selection_metric
     out: dict = {
         "attempts": [{"name": f"{a.attempt.index}-{a.attempt.name}", "epochs": len(a.epochs),
                       "val": [e.report.metrics[metric] for e in a.epochs],

@@ -28,14 +28,12 @@ from typing import TypeVar
 
 import torch
 
-from mycelium.model.blocks import transformer_blocks
+from mycelium.model.blocks import ModesSaved, compute_dtype, model_device, transformer_blocks
 from mycelium.model.classifier import Classifier
-from mycelium.model.suffix import suffix_encode
+from mycelium.model.suffix import suffix_encode, supports_suffix
 from mycelium.text import length_buckets, pad_batch
 
 log = logging.getLogger(__name__)
-from mycelium.model.blocks import ModesSaved, compute_dtype, model_device
-from mycelium.model.suffix import supports_suffix
 
 
 def _check_lengths(token_ids: Sequence[Sequence[int]]) -> list[int]:

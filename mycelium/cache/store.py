@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mycelium.cache.passes import PrefixStates
+from mycelium.model.blocks import as_dtype
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,9 @@ CACHE_FORMAT = 1
 _META_KEY = "mycelium"
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-    resolved = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
-
-
 def prefix_bytes(total_tokens: int, hidden: int, dtype: torch.dtype | str = torch.float32) -> int:
     """Bytes of a prefix cache of ``total_tokens`` real tokens of width ``hidden`` in ``dtype``."""
-    return int(total_tokens) * int(hidden) * torch.empty((), dtype=_dtype(dtype)).element_size()
+    return int(total_tokens) * int(hidden) * torch.empty((), dtype=as_dtype(dtype)).element_size()
 
 
 def fits(nbytes: int, budget_gb: float) -> bool:

@@ -20,6 +20,23 @@ if TYPE_CHECKING:
 POOLINGS: tuple[str, ...] = ("last", "mean")
 
 
+def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a (left- or right-) padded decoder batch: a row sees the positions it would alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or a name ("bf16", "bfloat16", "torch.float16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
+    return resolved
+
+
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` index of each row's last real token: the rightmost position whose mask is 1, so it
     is right for left and right padding alike (an all-padding row gives 0)."""

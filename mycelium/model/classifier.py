@@ -11,7 +11,7 @@ import torch.nn as nn
 from transformers import PreTrainedModel
 
 from mycelium.model.backbone import default_pooling, is_decoder_only
-from mycelium.model.blocks import POOLINGS, pool
+from mycelium.model.blocks import POOLINGS, decoder_position_ids, pool
 
 
 class ClassificationHead(nn.Module):
@@ -66,7 +66,7 @@ class Classifier(nn.Module):
         if getattr(self.backbone.config, "use_cache", False):
             kwargs["use_cache"] = False  # a classifier never decodes: no key/value cache to build
         if self.decoder:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            kwargs["position_ids"] = decoder_position_ids(attention_mask)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 

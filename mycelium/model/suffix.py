@@ -13,26 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mycelium.model.blocks import (
-    _base,
-    final_norm,
-    last_positions,
-    pool,
-    transformer_blocks,
-)
+from mycelium.model.blocks import _base, compute_dtype, decoder_position_ids, final_norm, last_positions, model_device, pool, transformer_blocks
 from mycelium.model.classifier import Classifier
 
 _ROTARY_DECODERS = frozenset({"qwen2", "qwen3", "llama", "mistral"})
-from mycelium.model.blocks import compute_dtype, model_device
-
 _BERT_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
 
 
-
-
-def _decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # The same expression as Classifier.encode: a left-padded row sees the positions it would alone.
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _arch(model: Classifier) -> str:
@@ -111,7 +98,7 @@ def suffix_encode(
                 create_sliding_window_causal_mask,
             )
 
-            position_ids = _decoder_position_ids(attention_mask)
+            position_ids = decoder_position_ids(attention_mask)
             mask_kwargs = {
                 "config": config,
                 "inputs_embeds": hidden,

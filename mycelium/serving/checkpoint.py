@@ -75,7 +75,12 @@ from mycelium.model.backbone import (
     resolve_backbone,
     weights_hash,
 )
-from mycelium.model.blocks import apply_freezing, final_norm, transformer_blocks
+from mycelium.model.blocks import (
+    apply_freezing,
+    final_norm,
+    model_device,
+    transformer_blocks,
+)
 from mycelium.model.classifier import Classifier
 
 FORMAT_VERSION = 1
@@ -593,10 +598,6 @@ def load_checkpoint(
 # Inference
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.head.parameters()).device
-
-
 def predict_proba(
     model: Classifier,
     tokenizer: PreTrainedTokenizerBase,
@@ -624,13 +625,13 @@ def predict_proba(
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"rows {empty[:10]} tokenize to no tokens")
-    device = _model_device(model) if device is None else torch.device(device)
-    if device.type != _model_device(model).type:
+    device = model_device(model) if device is None else torch.device(device)
+    if device.type != model_device(model).type:
         # Moving here would move the backbone weights shared with other loaded models.
         raise ValueError(
-            f"the model is on {_model_device(model)}, not {device}: load it with load_checkpoint(..., device=...)"
+            f"the model is on {model_device(model)}, not {device}: load it with load_checkpoint(..., device=...)"
         )
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id
     side = getattr(tokenizer, "padding_side", "right") or "right"
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)

@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from mycelium.tasks import CHAMPION
+
 PROGRESS_MIN_ROWS = 1000
 MAX_REPORTED_ERRORS = 5
 
@@ -47,7 +49,7 @@ class InputError(ValueError):
 
 def parse_model_arg(value: str | None) -> dict[str, str | None]:
     """``--model`` as keyword arguments of ``mycelium.load``: alias, version or model_uri."""
-    value = (value or "champion").strip()
+    value = (value or CHAMPION).strip()
     if ":/" in value or value.startswith((".", "/", "~")) or os.sep in value or os.path.isdir(value):
         return {"model_uri": value, "version": None, "alias": None}
     digits = value[1:] if value[:1] in "vV" else value

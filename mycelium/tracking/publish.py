@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
 
 from mlflow import MlflowClient
 
-from mycelium.config import TrainConfig
+from mycelium.config import TrainConfig, state_root
 from mycelium.serving.checkpoint import (
     backbone_manifest,
     bundle_backbone,
@@ -28,7 +27,7 @@ from mycelium.serving.package import (
 from mycelium.tracking import figure_worker
 from mycelium.tracking.registry import existing_version
 from mycelium.tracking.runs import TrackingError, log_batch, with_retries
-from mycelium.train.attempts import Attempt, selection_metric
+from mycelium.train.attempts import Attempt
 from mycelium.train.loop import EpochResult
 from mycelium.train.prepare import Prepared
 from mycelium.train.resume import ResumeState
@@ -41,7 +40,7 @@ def publish_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochR
     """Log and register one epoch, then make its resume state the live one (tracking thread)."""
     ep.version = log_epoch(prep, cfg, attempt, ep, run, parent_run_id, ckpt, template.result(), may_exist)
     ResumeState.commit(pending_state, epochs)
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     log.info("%s epoch %d: train_loss %.4f val_loss %.4f %s %.4f%s (version %s)", attempt.name, ep.epoch, ep.train_loss, ep.val_loss,
              metric, ep.report.metrics[metric], " COLLAPSED" if ep.report.collapsed else "", ep.version)
 
@@ -63,7 +62,7 @@ def epoch_manifest(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: Epoch
 
 def save_epoch_checkpoint(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResult, run_id: str) -> Path:
     """The epoch's checkpoint on local disk; it stays there until its upload and registration succeeded."""
-    workdir = Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
+    workdir = state_root() / "checkpoints" / run_id / f"epoch-{ep.epoch:03d}"
     shutil.rmtree(workdir, ignore_errors=True)
     return save_checkpoint(prep.model, workdir / "checkpoint", epoch_manifest(prep, cfg, attempt, ep))
 
@@ -75,7 +74,7 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     ``may_exist``: the first epoch of a resumed attempt, which may have been registered before
     the run died (found by tag, not registered twice)."""
     report = ep.report
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     run_id = run.info.run_id
     client = MlflowClient()
     metrics = {"train_loss": ep.train_loss, "val_loss": ep.val_loss, **report.prefixed("val_"),

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mycelium.tasks import CHAMPION
+
 log = logging.getLogger(__name__)
 
 
-CHAMPION = "champion"
 
 
 def existing_version(model_name: str, run_id: str, epoch: int):

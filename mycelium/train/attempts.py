@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from mycelium.config import TrainConfig
 from mycelium.train.loop import EpochResult
 
+UNFREEZE_BLOCKS = 4  # the ladder's unfreeze fallback trains the last 4 blocks (the seed's C6 depth)
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -32,13 +34,10 @@ class AttemptResult:
         return max(healthy, key=lambda e: (e.report.metrics[metric], -e.epoch)) if healthy else None
 
 
-def selection_metric(cfg: TrainConfig) -> str:
-    return "minority_f1" if cfg.spec.selection_metric == "minority_f1" else "macro_f1"
-
 
 def next_attempt(step: str, results: list[AttemptResult], cfg: TrainConfig, n_blocks: int) -> Attempt | None:
     """The fallback ladder: which attempt (if any) a step adds after the results so far."""
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     last = results[-1].attempt
     best = [r.best(metric) for r in results]
     best_value = max((b.report.metrics[metric] for b in best if b), default=0.0)
@@ -47,7 +46,7 @@ def next_attempt(step: str, results: list[AttemptResult], cfg: TrainConfig, n_bl
     if step == "unfreeze":
         if last.unfrozen_layers > 0 or (best_value >= cfg.fallback_threshold and not cfg.force_fallbacks):
             return None
-        k = min(4, n_blocks)
+        k = min(UNFREEZE_BLOCKS, n_blocks)
         return Attempt(idx, f"unfreeze{k}", k, last.class_weights, last.loss, f"last {k} blocks unfrozen (lr {cfg.lr_backbone:g})", last.lr_head)
     if step == "sqrt_inv":
         if not (collapsed or cfg.force_fallbacks):

@@ -15,6 +15,7 @@ from mycelium.model.backbone import BackboneInfo, load_backbone
 from mycelium.model.blocks import final_norm, transformer_blocks
 from mycelium.model.classifier import Classifier
 from mycelium.text import encode_rows
+from mycelium.train.attempts import UNFREEZE_BLOCKS
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -88,7 +89,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     train_ids, val_ids = encode(split.train), encode(split.val)
 
     n_blocks = len(transformer_blocks(model.backbone))
-    trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, 4 if "unfreeze" in cfg.fallback_steps() else 0)))
+    trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, UNFREEZE_BLOCKS if "unfreeze" in cfg.fallback_steps() else 0)))
     pristine = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable_names}
     return Prepared(
         data=data, split=split, labels=labels,

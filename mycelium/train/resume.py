@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mycelium.config import state_root
 from mycelium.metrics import EpochReport
 
 
 def _root() -> Path:
-    return Path(os.environ.get("MYCELIUM_STATE", ".mycelium")) / "resume"
+    return state_root() / "resume"
 
 
 def _dir(parent_run_id: str, attempt_index: int) -> Path:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +58,6 @@ from mycelium.train.attempts import (
     best_of_attempts,
     first_name,
     next_attempt,
-    selection_metric,
 )
 from mycelium.train.loop import (
     EpochResult,
@@ -71,10 +68,11 @@ from mycelium.train.loop import (
     score_epoch,
     train_one_epoch,
 )
-from mycelium.train.prepare import Prepared, prepare
+from mycelium.train.prepare import Prepared, prepare, resolve_device
 from mycelium.train.resume import ResumeState
 from mycelium.train.sources import Source
 from mycelium.train.threshold import predict as decide_labels
+from mycelium.train.tuning import cpu_tuning, head_only_threads
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +92,7 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
     apply_freezing(model.backbone, attempt.unfrozen_layers)
     # The parts of the epochs' pyfunc models that do not change, made on the tracking thread.
     template = lane.submit(ModelTemplate, epoch_manifest(prep, cfg, attempt), cfg.bundle_backbone)
-    # The backbone pass runs alone (the tracking thread waits), so nothing needs the short GIL
-    # switch interval; its two batch threads ran ~3% faster at CPython's default 5 ms than at
-    # 0.1 ms (MiniLM, 4,000 C4 texts, 2 cores: slower at 0.1 ms in 6 of 8 alternating pairs, by
-    # 0.5 s of ~15 s on average).
-    with lane.paused(), _gil_switch_interval(0.005):
+    with lane.paused():  # the backbone pass runs alone: a busy second thread slows it on a small CPU
         source = Source(prep, cfg, attempt)
 
     loss_fn, weights = objective(prep, cfg, attempt.class_weights, attempt.loss)
@@ -129,40 +123,34 @@ def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: st
         source.batches("train", generator)
 
     run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
-    threads = torch.get_num_threads()
-    if source.mode == "pooled" and device.type == "cpu":
-        # A head on cached features is a few tiny matmuls per step: a second intra-op thread costs
-        # more in synchronisation than it saves, and every op stalls while the tracking thread or
-        # the local MLflow/S3 servers hold the other core.
-        torch.set_num_threads(1)
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if stop_reason := early_stop(result.epochs, cfg.early_stopping, selection_metric(cfg)):
-                log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
-                mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
-                break
-            lane.check()  # a failed upload of an earlier epoch stops training here
-            train_loss = train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler,
-                                         schedule, prep.autocast, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
-            probs, val_loss = evaluate(source, loss_fn, prep)
-            ep = score_epoch(epoch, probs, prep, cfg)
-            ep.train_loss, ep.val_loss = train_loss, val_loss
-            result.epochs.append(ep)
-            # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
-            ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
-            pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
-            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
-                        may_exist=resume is not None and epoch == start_epoch)
-    except BaseException:
-        lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
-        raise
-    else:
-        lane.drain()
-    finally:
-        torch.set_num_threads(threads)
-        # Every job of this attempt has run (or will never run) by now: the template is done with.
-        if template.done() and template.exception() is None:
-            template.result().close()
+    with head_only_threads(device, head_only=source.mode == "pooled"):
+        try:
+            for epoch in range(start_epoch, cfg.epochs + 1):
+                if stop_reason := early_stop(result.epochs, cfg.early_stopping, cfg.spec.selection_metric):
+                    log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
+                    mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
+                    break
+                lane.check()  # a failed upload of an earlier epoch stops training here
+                train_loss = train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler,
+                                             schedule, prep.autocast, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
+                probs, val_loss = evaluate(source, loss_fn, prep)
+                ep = score_epoch(epoch, probs, prep, cfg)
+                ep.train_loss, ep.val_loss = train_loss, val_loss
+                result.epochs.append(ep)
+                # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
+                ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
+                pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
+                lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
+                            may_exist=resume is not None and epoch == start_epoch)
+        except BaseException:
+            lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
+            raise
+        else:
+            lane.drain()
+        finally:
+            # Every job of this attempt has run (or will never run) by now: the template is done with.
+            if template.done() and template.exception() is None:
+                template.result().close()
     return result
 
 
@@ -176,26 +164,10 @@ class RunResult:
     ui: str
 
 
-@contextmanager
-def _gil_switch_interval(seconds: float):
-    """CPython's GIL switch interval for the duration of the block."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
 def run(cfg: TrainConfig) -> RunResult:
     """Train a task end to end (see the module docstring); the result names the parent run."""
-    # The training thread shares the GIL with the tracking thread. CPython hands it back to a
-    # waiting thread only every 5 ms by default, which the training thread pays after each of its
-    # many short torch calls. 2-core measurements, a head-only step (2.5 ms alone) while another
-    # thread draws confusion matrices: 18-19 ms at 5 ms, 16 ms at 0.5 ms, 7.7 ms at 0.1 ms, and
-    # the drawing thread no slower (it holds the GIL; the torch calls mostly do not).
     try:
-        with _gil_switch_interval(min(sys.getswitchinterval(), 0.0001)):
+        with cpu_tuning(resolve_device(cfg)):
             return _run(cfg)
     finally:
         figure_worker.shutdown()
@@ -206,7 +178,7 @@ def _run(cfg: TrainConfig) -> RunResult:
     figure_worker.start()  # its matplotlib import overlaps data loading
     preflight()
     prep = prepare(cfg)
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     mlflow.set_experiment(cfg.experiment)
     ensure_registered_model(cfg.registered_model, cfg.spec.description)
 
@@ -268,18 +240,13 @@ def _run(cfg: TrainConfig) -> RunResult:
 
 def _search_first_attempt(prep: Prepared, cfg: TrainConfig, lane: Lane) -> Attempt:
     """The head recipe search (``-P search=grid``) as a ``0-search`` child run; its winner is attempt 1."""
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     probe = Attempt(1, "search", 0, cfg.class_weights, cfg.loss, "")
     apply_freezing(prep.model.backbone, 0)
-    with lane.paused(), _gil_switch_interval(0.005):
+    with lane.paused():
         source = Source(prep, cfg, probe)  # the cached features the first attempt then reuses
-    threads = torch.get_num_threads()
-    if prep.device.type == "cpu":
-        torch.set_num_threads(1)  # tiny head matmuls, as in train_attempt
-    try:
+    with head_only_threads(prep.device, head_only=True):
         trials = search.search_heads(prep, cfg, source, metric)
-    finally:
-        torch.set_num_threads(threads)
     win = search.best(trials)
     with mlflow.start_run(run_name="0-search", nested=True):
         mlflow.set_tags({"mycelium_role": "search", "task": cfg.task, "data_fingerprint": prep.data.fingerprint,
@@ -310,7 +277,7 @@ def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: st
                              "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights, "loss": attempt.loss,
                              "task": cfg.task, "data_fingerprint": prep.data.fingerprint, "mycelium_role": "attempt"})
         result = train_attempt(prep, cfg, attempt, child.info.run_id, parent_id, resume, lane)
-        best = result.best(selection_metric(cfg))
+        best = result.best(cfg.spec.selection_metric)
         mlflow.set_tags({"best_epoch": best.epoch if best else "none", "mycelium_state": "done",
                          "attempt_collapsed": str(best is None).lower()})
     return result
@@ -338,7 +305,7 @@ def _rescore(champion_version, prep: Prepared, cfg: TrainConfig) -> float | None
         clear_backbone_cache()  # the champion's backbone copy is not needed after scoring
     labels = decide_labels(probs, prep.labels, manifest.get("threshold"))  # the champion's own decision rule
     report = evaluate_predictions(prep.y_val.numpy(), labels, prep.labels, cfg.spec.minority_label, cfg.collapse_dominance)
-    return None if report.collapsed else report.metrics[selection_metric(cfg)]
+    return None if report.collapsed else report.metrics[cfg.spec.selection_metric]
 
 
 def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
@@ -351,7 +318,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
                    "cache_memory_gb_resolved": prep.cache_memory_gb,
                    "backbone_revision": prep.info.revision,
                    "backbone_architecture": prep.info.architecture, "pooling": prep.model.pooling, "labels": ",".join(prep.labels),
-                   "selection_metric": selection_metric(cfg), "n_train": len(prep.split.train), "n_val": len(prep.split.val),
+                   "selection_metric": cfg.spec.selection_metric, "n_train": len(prep.split.train), "n_val": len(prep.split.val),
                    **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
     log_params_once(scrub({k: str(v)[:6000] for k, v in params.items()}), run_id)
     # Class distribution before training: metrics, a JSON and a bar chart.
@@ -376,7 +343,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
 
 def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[AttemptResult], run_id: str) -> None:
     """Each attempt's best epoch side by side (per-class F1, predicted vs true distribution), by run id."""
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     attempts = {}
     for r in results:
         best = r.best(metric) or max(r.epochs, key=lambda e: e.report.metrics[metric])
@@ -387,7 +354,7 @@ def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[Attempt
 
 def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: Decision, run_id: str) -> None:
     """The winner and the promotion decision: parent run tags and metrics in one request, and the winning version's tags."""
-    metric = selection_metric(cfg)
+    metric = cfg.spec.selection_metric
     tags = decision.as_tags()
     metrics = {"attempts": float(len(results))}
     if winner:

@@ -19,7 +19,7 @@ from mycelium.config import TrainConfig
 from mycelium.model.blocks import transformer_blocks
 from mycelium.model.suffix import suffix_encode, supports_suffix
 from mycelium.text import length_buckets, pad_batch
-from mycelium.train.attempts import Attempt
+from mycelium.train.attempts import UNFREEZE_BLOCKS, Attempt
 from mycelium.train.prepare import Prepared
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Source:
             # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
             store = prep.amp_dtype or torch.float32
             prefix_ok = supports_suffix(model) and fits(prefix_bytes(total, model.hidden_size, store), prep.cache_memory_gb)
-            fallback_k = n_blocks - min(4, n_blocks)
+            fallback_k = n_blocks - min(UNFREEZE_BLOCKS, n_blocks)
 
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
