@@ -140,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(None, argv[1:])
     args = build_parser().parse_args(argv)
     from mycelium.data.loading import DataError
-    from mycelium.stack import StackError
+    from mycelium.stack import StackError, require_tracking, use_running_stack
     from mycelium.storage import StorageError
 
     try:
+        if args.command != "stack":
+            use_running_stack(log=lambda line: print(line, file=sys.stderr))
+        if args.command == "predict":
+            require_tracking()
         return int(args.func(args) or 0)
     except (StackError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,10 @@ def print_summary(result, cfg, console: Console) -> None:
             per_class.add_row(label, *(f"{m[metric_key(p, label)]:.3f}" for p in ("precision", "recall", "f1")),
                               str(int(m[metric_key("support", label)])), f"{m[metric_key('pred_share', label)]:.3f}")
         console.print(per_class)
+    collapsed = [f"v{e.version} ({r.attempt.name} epoch {e.epoch}: {'; '.join(e.report.collapse_reasons)})"
+                 for r in result.attempts for e in r.epochs if e.report.collapsed]
+    if collapsed:
+        console.print(f"flagged collapsed, never promoted: {', '.join(collapsed)}")
     d = result.decision
     console.print(f"champion: {'PROMOTED' if d.promoted else 'kept'} — {d.reason}")
     console.print(f"registered model: {cfg.registered_model}   run: {result.ui}")
@@ -59,12 +63,14 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
         return 2
     from mycelium.data.loading import DataError
     from mycelium.model.backbone import BackboneLoadError
-    from mycelium.stack import StackError
+    from mycelium.stack import StackError, require_tracking, use_running_stack
     from mycelium.storage import StorageError
     from mycelium.tracking.runs import TrackingError
     from mycelium.train.run import run
 
     try:
+        use_running_stack(log=logging.getLogger("mycelium").info)
+        require_tracking()
         result = run(cfg)
     except (ConfigError, DataError, BackboneLoadError, TrackingError, StackError, StorageError, FloatingPointError) as e:
         console.print(f"[red]error:[/red] {e}")

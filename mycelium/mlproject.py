@@ -8,6 +8,7 @@ file; a test fails when it is not current.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def _yaml(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
-        return "''" if value == "" else value
+        # Quoted: in a YAML flow mapping a bare "step_i,step_j" ends at the comma.
+        return json.dumps(value)
     return repr(value)
 
 

@@ -131,6 +131,32 @@ def stack_env(cfg: StackConfig) -> dict[str, str]:
     }
 
 
+# What points a process at a tracking server or an S3 endpoint; any of them set means "the user chose".
+POINTING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+NOT_CONFIGURED = ("no tracking server is set (MLFLOW_TRACKING_URI) and no embedded stack is running in {state}: "
+                  "start it with `mycelium stack up` (commands then find it by themselves) or set MLFLOW_TRACKING_URI, "
+                  "MLFLOW_S3_ENDPOINT_URL and the AWS credentials of your servers")
+
+
+def use_running_stack(log=print) -> StackConfig | None:
+    """Point this process at the embedded stack of this checkout (or ``$MYCELIUM_STACK_DIR``) when
+    nothing else is set and the stack is running; returns it, or None (the environment is unchanged)."""
+    if any(os.environ.get(v) for v in POINTING_VARS):
+        return None
+    cfg = load_config()
+    if not cfg.manifest.exists() or not all(s["healthy"] for s in status(cfg).values()):
+        return None
+    os.environ.update(stack_env(cfg))
+    log(f"using the embedded stack in {cfg.state_dir} (MLflow {cfg.tracking_uri}, S3 {cfg.s3_endpoint})")
+    return cfg
+
+
+def require_tracking() -> None:
+    """A clear error when no tracking server is set and no embedded stack was found."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StackError(NOT_CONFIGURED.format(state=load_config().state_dir))
+
+
 def env_exports(cfg: StackConfig) -> str:
     return "".join(f"export {k}={v}\n" for k, v in stack_env(cfg).items())
 

@@ -121,6 +121,28 @@ def test_mlproject_is_generated_from_the_task_table():
     assert (ROOT / "MLproject").read_text() == render(), "MLproject is stale: run python -m mycelium.mlproject"
 
 
+def test_mlflow_reads_every_mlproject_default_as_the_task_table_gives_it(tmp_path):
+    """Read by MLflow itself: each entry point's command, with no -P, carries the table's defaults
+    (a bare "step_i,step_j" in the YAML once reached the trainer as "step_i")."""
+    import shlex
+
+    from mlflow.projects import _project_spec
+
+    from mycelium.config import config_from_args
+    from mycelium.mlproject import defaults
+    from mycelium.tasks import TASKS
+
+    project = _project_spec.load_project(str(ROOT))
+    for task, spec in TASKS.items():
+        argv = shlex.split(project.get_entry_point(task).compute_command({}, str(tmp_path)))[3:]
+        cfg = config_from_args(argv, task)
+        expected = config_from_args([], task)
+        assert cfg.spec.input_fields == spec.input_fields, task
+        for name in defaults(spec):
+            if name != "inputs":  # "" and the table's composition are the same spec (checked above)
+                assert getattr(cfg, name) == getattr(expected, name), (task, name)
+
+
 # ------------------------------------------------------------------------------ a run on the real stack
 
 

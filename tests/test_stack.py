@@ -140,3 +140,37 @@ def test_cli_status_and_env(stack):
     ).stdout
     assert f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n" in env
     assert f"export AWS_ENDPOINT_URL_S3={stack.s3_endpoint}\n" in env
+
+
+def _bare_env(state_dir) -> dict[str, str]:
+    """A new shell: nothing points at a tracking server, an S3 endpoint or credentials."""
+    drop = (*stack_mod.POINTING_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "MYCELIUM_STACK_DIR": str(state_dir)}
+
+
+def test_commands_find_the_running_stack_in_a_new_shell(stack, tmp_path):
+    env = _bare_env(stack.state_dir)
+    prefix = f"s3://mycelium-data/tests/auto-{os.getpid()}"
+    demo = subprocess.run([sys.executable, "-m", "mycelium.cli", "data", "demo", "--dest", prefix, "--files", "1", "--per-file", "5"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert f"using the embedded stack in {stack.state_dir} (MLflow {stack.tracking_uri}" in demo.stderr
+    assert "c6: 1 files" in demo.stdout  # written with the stack's credentials
+    # predict asks the stack's registry (not a local sqlite file) and names the missing model.
+    pred = subprocess.run([sys.executable, "-m", "mycelium.cli", "predict", "--task", "c6", "--registered-model", "no-such-model",
+                           "--input", "-"], input="What is 1/2 + 1/3?\n", capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert pred.returncode != 0 and "no-such-model" in pred.stderr, pred.stderr[-2000:]
+    assert "using the embedded stack" in pred.stderr and "sqlite" not in pred.stderr
+
+
+def test_commands_without_a_stack_say_how_to_start_one(tmp_path):
+    env = _bare_env(tmp_path / "no-stack")
+    pred = subprocess.run([sys.executable, "-m", "mycelium.cli", "predict", "--task", "c6", "--input", "-"], input="1+1\n",
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert pred.returncode == 2
+    assert "mycelium stack up" in pred.stderr and "MLFLOW_TRACKING_URI" in pred.stderr and str(tmp_path / "no-stack") in pred.stderr
+    train = subprocess.run([sys.executable, "-m", "mycelium.cli", "train", "--task", "c4", "--backbone", "minilm"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert train.returncode == 2 and "mycelium stack up" in train.stdout + train.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,25 @@ def test_mlflow_run_c4_registers_every_epoch_and_promotes_the_best(stack, corpus
     for name in ("data/class_distribution.png", "attempts_comparison.png"):
         key = next(k for k in parent_keys if k.endswith(name))
         assert storage.read_bytes(f"s3://mycelium-data/models/{key}")[:8] == png, name
+    # What the UI reads: a training experiment, a parent named for what it is (not MLflow's random
+    # name from `mlflow run`), the winner's headline metrics, and the data as MLflow datasets.
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert re.fullmatch(r"c4 · frozen-balanced-ce · \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    assert parent.data.metrics["collapsed"] == 0.0
+    assert parent.data.metrics["best_minority_f1"] == pytest.approx(float(champion.tags["minority_f1"]), abs=1e-6)
+    inputs = {i.tags[0].value: i.dataset for i in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    for context, n in (("training", "n_train"), ("validation", "n_val")):
+        ds = inputs[context]
+        assert ds.name == f"c4-{context}" and ds.source_type == "s3"
+        assert json.loads(ds.source)["uri"].rstrip("/") == f"{corpus}/c4"
+        profile = json.loads(ds.profile)
+        assert profile["num_rows"] == sum(profile["class_counts"].values()) == int(parent.data.params[n])
+        assert profile["class_counts"]["BRIDGING"] > 0
+        assert {c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]} == {"step_i", "step_j", "label"}
+    assert inputs["training"].digest != inputs["validation"].digest
+
     # Secrets never reach params or tags.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert all(secret not in str(v) for v in {**parent.data.params, **parent.data.tags}.values())
@@ -126,6 +146,7 @@ def test_unweighted_c4_collapses_and_is_not_promoted(stack, corpus, tmp_path, mo
     parent = MlflowClient().get_run(result.parent_run_id)
     assert parent.data.tags["champion_decision"] == "kept"
     assert parent.data.tags["winner_attempt"].startswith("none")
+    assert parent.data.metrics["collapsed"] == 1.0  # the runs table shows the collapse without expanding the run
 
 
 def test_forced_c6_ladder_creates_child_runs_in_order(stack, corpus, tmp_path, monkeypatch):
@@ -148,6 +169,7 @@ def test_forced_c6_ladder_creates_child_runs_in_order(stack, corpus, tmp_path, m
     scores = {f"{r.attempt.index}-{r.attempt.name}": (r.best("macro_f1").report.metrics["macro_f1"] if r.best("macro_f1") else -1)
               for r in result.attempts}
     assert parent.data.tags["winner_attempt"] == max(scores, key=scores.get)
+    assert parent.info.run_name.startswith("c6 · unfreeze4-clipped-ce → sqrt_inv → focal2 · ")
     assert len(_versions(model)) == 3
     # Every child logs the same metric names, so the UI compares them side by side.
     keys = [set(k for k in c.data.metrics) for c in children]

@@ -15,6 +15,7 @@ Layout of what a training leaves behind (the "tracking contract" of the design):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,7 +24,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.pandas_dataset import PandasDataset
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +165,43 @@ def system_tags() -> dict[str, str]:
         "host_gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
 
+
+
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def use_experiment(name: str) -> str:
+    """Make ``name`` the active experiment (created if missing), tagged as model development; its id."""
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def training_name(task: str, attempts: list[str], started_ms: int) -> str:
+    """What a parent run is: ``c6 · unfreeze4-clipped-ce → sqrt_inv · 12-01 21:04`` (local time)."""
+    stamp = time.strftime("%m-%d %H:%M", time.localtime(started_ms / 1000))
+    return f"{task} · {' → '.join(attempts)} · {stamp}"
+
+
+class _SplitDataset(PandasDataset):
+    """A split as an MLflow dataset whose profile also counts the records per class."""
+
+    @property
+    def profile(self) -> dict:
+        counts = self._df[self.targets].value_counts().sort_index()
+        return {**super().profile, "class_counts": {str(k): int(v) for k, v in counts.items()}}
+
+
+def log_datasets(client: MlflowClient, run_id: str, name: str, source: str, fingerprint: str,
+                 splits: dict[str, pd.DataFrame]) -> None:
+    """Each split (context -> records with a ``label`` column) as an MLflow dataset input of the run:
+    source = where the data was read, digest = the data fingerprint and the split, schema and profile."""
+    inputs = []
+    for context, frame in splits.items():
+        digest = hashlib.sha256(f"{fingerprint}:{context}".encode()).hexdigest()[:32]  # MLflow keeps <= 36 chars
+        dataset = _SplitDataset(frame, source=resolve_dataset_source(source), targets="label", name=f"{name}-{context}",
+                                digest=digest)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client.log_inputs(run_id, datasets=inputs)

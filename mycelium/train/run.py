@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 
@@ -44,12 +45,15 @@ from mycelium.tracking.runs import (
     child_runs,
     find_resumable,
     log_batch,
+    log_datasets,
     log_params_once,
     log_png,
     preflight,
     scrub,
     system_tags,
+    training_name,
     ui_url,
+    use_experiment,
 )
 from mycelium.train import search
 from mycelium.train.attempts import (
@@ -179,7 +183,7 @@ def _run(cfg: TrainConfig) -> RunResult:
     preflight()
     prep = prepare(cfg)
     metric = cfg.spec.selection_metric
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(cfg.experiment)
     ensure_registered_model(cfg.registered_model, cfg.spec.description)
 
     resumed = find_resumable(cfg.experiment, cfg.task, prep.data.fingerprint) if cfg.resume else None
@@ -199,7 +203,9 @@ def _run(cfg: TrainConfig) -> RunResult:
         if resumed is None:
             # The tags that make the run findable (and resumable) now; the rest on the tracking thread.
             mlflow.set_tags({"task": cfg.task, "data_fingerprint": prep.data.fingerprint, "backbone": prep.info.name,
-                             "mycelium_role": "parent", "mycelium_state": "running", **system_tags()})
+                             "mycelium_role": "parent", "mycelium_state": "running", **system_tags(),
+                             # named for what it is, also when `mlflow run` created it with a random name
+                             "mlflow.runName": cfg.run_name or training_name(cfg.task, [first_name(cfg)], parent.info.start_time)})
             lane.submit(_log_parent_start, prep, cfg, pid)
         done = {int(r.data.tags["attempt_index"]): r for r in child_runs(pid, parent.info.experiment_id)
                 if r.data.tags.get("mycelium_role") == "attempt"} if resumed else {}
@@ -226,7 +232,7 @@ def _run(cfg: TrainConfig) -> RunResult:
         candidate = Candidate(winner[1].version, metric, winner[1].report.metrics[metric], prep.data.fingerprint) if winner else None
         decision = decide_promotion(cfg.registered_model, candidate, rescore_champion=lambda v: _rescore(v, prep, cfg),
                                              min_metric=cfg.min_metric)
-        _log_parent_end(cfg, results, winner, decision, pid)
+        _log_parent_end(cfg, results, winner, decision, pid, parent.info.start_time)
         lane.drain()
         mlflow.set_tag("mycelium_state", "done")  # last: a run without it is resumable
         ui = ui_url(parent)
@@ -321,6 +327,10 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
                    "selection_metric": cfg.spec.selection_metric, "n_train": len(prep.split.train), "n_val": len(prep.split.val),
                    **{k: v for k, v in prep.data.summary().items() if k != "labels"}})
     log_params_once(scrub({k: str(v)[:6000] for k, v in params.items()}), run_id)
+    fields = list(cfg.spec.input_fields)
+    log_datasets(client, run_id, cfg.task, prep.data.uri, prep.data.fingerprint, {
+        context: pd.DataFrame([dict(zip(fields, r.inputs), label=r.label) for r in records], columns=[*fields, "label"])
+        for context, records in (("training", prep.split.train), ("validation", prep.split.val))})
     # Class distribution before training: metrics, a JSON and a bar chart.
     counts = {s: dict(c) for s, c in prep.split.counts.items() if sum(c.values())}
     metrics = {}
@@ -352,11 +362,15 @@ def _log_attempts_figure(prep: Prepared, cfg: TrainConfig, results: list[Attempt
                      "attempts_comparison.png")
 
 
-def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: Decision, run_id: str) -> None:
-    """The winner and the promotion decision: parent run tags and metrics in one request, and the winning version's tags."""
+def _log_parent_end(cfg: TrainConfig, results: list[AttemptResult], winner, decision: Decision, run_id: str,
+                    started_ms: int) -> None:
+    """The winner and the promotion decision: parent run tags, its name (the attempts it ran) and the
+    winner's headline metrics in one request, so the runs table compares trainings unexpanded."""
     metric = cfg.spec.selection_metric
     tags = decision.as_tags()
-    metrics = {"attempts": float(len(results))}
+    if not cfg.run_name:
+        tags["mlflow.runName"] = training_name(cfg.task, [r.attempt.name for r in results], started_ms)
+    metrics = {"attempts": float(len(results)), "collapsed": float(winner is None)}
     if winner:
         r, e = winner
         tags.update({"winner_attempt": f"{r.attempt.index}-{r.attempt.name}", "winner_run_id": r.run_id,
