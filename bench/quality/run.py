@@ -374,8 +374,11 @@ def resolved(job: QualityJob) -> str:
     """The training configuration a job resolves to, without the names of where it registers."""
     from mycelium.config import config_from_args
 
-    params = config_from_args(job.argv, job.train_task).params()
-    return json.dumps({k: v for k, v in params.items() if k not in ("registered_model", "experiment", "run_name")}, sort_keys=True)
+    cfg = config_from_args(job.argv, job.train_task)
+    params = {k: v for k, v in cfg.params().items() if k not in ("registered_model", "experiment", "run_name")}
+    # "" and "auto" mean the table's composition and ladder: compare what runs, not how it was written.
+    params.update(inputs=",".join(cfg.spec.input_fields), fallbacks=",".join(cfg.fallback_steps()))
+    return json.dumps(params, sort_keys=True)
 
 
 def result_row(res: dict, backbone: str) -> list[str]:
