@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mycelium.tasks import CHAMPION
-
-log = logging.getLogger(__name__)
 
 
 
