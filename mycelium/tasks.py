@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 CHAMPION = "champion"  # the registry alias a service loads; moved only by the champion decision
 
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str

@@ -105,14 +105,18 @@ def apply_freezing(backbone: nn.Module, n_unfrozen: int) -> None:
             f"cannot unfreeze {n_unfrozen} blocks: {type(backbone).__name__} has {len(blocks)} (0..{len(blocks)})"
         )
     backbone.requires_grad_(False)
+    for module in unfrozen_modules(backbone, n_unfrozen):
+        module.requires_grad_(True)
+
+
+def unfrozen_modules(backbone: nn.Module, n_unfrozen: int) -> list[nn.Module]:
+    """What unfreezing ``n_unfrozen`` blocks trains: the last blocks and, when the architecture has
+    one, the final norm (it sits between them and the head)."""
     if n_unfrozen == 0:
-        return
-    for block in blocks[len(blocks) - n_unfrozen :]:
-        block.requires_grad_(True)
+        return []
+    blocks = transformer_blocks(backbone)
     norm = final_norm(backbone)
-    if norm is not None:
-        # The final norm sits between the unfrozen blocks and the head: train it with them.
-        norm.requires_grad_(True)
+    return [*blocks[len(blocks) - n_unfrozen :], *([norm] if norm is not None else [])]
 
 
 def compute_dtype(model: Classifier) -> torch.dtype:

@@ -77,9 +77,9 @@ from mycelium.model.backbone import (
 )
 from mycelium.model.blocks import (
     apply_freezing,
-    final_norm,
     model_device,
     transformer_blocks,
+    unfrozen_modules,
 )
 from mycelium.model.classifier import Classifier
 
@@ -303,20 +303,9 @@ def read_manifest(directory: str | Path) -> dict:
 # Which tensors training changed
 
 
-def _unfrozen_modules(backbone: torch.nn.Module, n_unfrozen: int) -> list[torch.nn.Module]:
-    if n_unfrozen == 0:
-        return []
-    blocks = transformer_blocks(backbone)
-    mods = list(blocks[len(blocks) - n_unfrozen :])
-    norm = final_norm(backbone)
-    if norm is not None:
-        mods.append(norm)
-    return mods
-
-
 def _expected_trained_names(model: Classifier, n_unfrozen: int) -> set[str]:
     """``state_dict`` names of the head and of the parameters of the last ``n_unfrozen`` blocks + norm."""
-    ids = {id(p) for mod in _unfrozen_modules(model.backbone, n_unfrozen) for p in mod.parameters()}
+    ids = {id(p) for mod in unfrozen_modules(model.backbone, n_unfrozen) for p in mod.parameters()}
     names = {f"head.{k}" for k in model.head.state_dict()}
     names |= {f"backbone.{n}" for n, p in model.backbone.named_parameters(remove_duplicate=False) if id(p) in ids}
     return names
@@ -494,7 +483,7 @@ def _base_backbone(source: str, revision: str | None, device: torch.device, dtyp
 def _private_copy(base: PreTrainedModel, n_unfrozen: int) -> PreTrainedModel:
     """A new module tree sharing every frozen parameter/buffer of ``base``; the last ``n_unfrozen``
     blocks and the final norm (when ``n_unfrozen > 0``) get their own tensors."""
-    own = {id(t) for mod in _unfrozen_modules(base, n_unfrozen) for t in (*mod.parameters(), *mod.buffers())}
+    own = {id(t) for mod in unfrozen_modules(base, n_unfrozen) for t in (*mod.parameters(), *mod.buffers())}
     memo = {id(t): t for t in (*base.parameters(), *base.buffers()) if id(t) not in own}
     backbone = copy.deepcopy(base, memo)
     apply_freezing(backbone, n_unfrozen)  # the copies become trainable again, shared params stay frozen

@@ -12,7 +12,7 @@ from mycelium.config import TrainConfig
 from mycelium.data.loading import LoadedData, load_task_data
 from mycelium.data.split import Split, split_records
 from mycelium.model.backbone import BackboneInfo, load_backbone
-from mycelium.model.blocks import final_norm, transformer_blocks
+from mycelium.model.blocks import transformer_blocks, unfrozen_modules
 from mycelium.model.classifier import Classifier
 from mycelium.text import encode_rows
 from mycelium.train.attempts import UNFREEZE_BLOCKS
@@ -107,13 +107,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 def _names_of_last_blocks(model: Classifier, n: int) -> set[str]:
     """Parameter names of the last ``n`` blocks and the final norm: what an unfreezing attempt may change."""
-    if n == 0:
-        return set()
     names = {id(p): name for name, p in model.named_parameters()}
-    blocks = transformer_blocks(model.backbone)
-    modules = list(blocks[len(blocks) - n :])
-    norm = final_norm(model.backbone)
-    if norm is not None:
-        modules.append(norm)
-    return {names[id(p)] for m in modules for p in m.parameters()}
+    return {names[id(p)] for m in unfrozen_modules(model.backbone, n) for p in m.parameters()}
 
