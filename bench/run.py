@@ -381,6 +381,8 @@ def tracking_call_ms(uri: str, n: int = 20) -> float:
     import requests
 
     session = requests.Session()
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # the embedded stack's server runs MLflow's basic auth
+        session.auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
     times = []
     for _ in range(n + 2):
         t = time.perf_counter()

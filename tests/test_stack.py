@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import json
+import urllib.request
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -144,7 +147,8 @@ def test_cli_status_and_env(stack):
 
 def _bare_env(state_dir) -> dict[str, str]:
     """A new shell: nothing points at a tracking server, an S3 endpoint or credentials."""
-    drop = (*stack_mod.POINTING_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    drop = (*stack_mod.POINTING_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "MYCELIUM_STACK_DIR": str(state_dir)}
 
@@ -174,3 +178,91 @@ def test_commands_without_a_stack_say_how_to_start_one(tmp_path):
     train = subprocess.run([sys.executable, "-m", "mycelium.cli", "train", "--task", "c4", "--backbone", "minilm"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert train.returncode == 2 and "mycelium stack up" in train.stdout + train.stderr
+
+
+def _listening_ports(pids) -> set[int]:
+    """TCP ports in LISTEN state owned by ``pids`` (Linux /proc): what the stack really opened."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _anonymous(method: str, url: str, body: bytes | None = None):
+    """Status of an unauthenticated request, or the name of the error that ended it."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError as e:
+        return type(e).__name__
+
+
+def _tls_probe(port: int, tls_dir, with_certificate: bool) -> str:
+    """Open TLS (gRPC's HTTP/2) to ``port``; 'ok' or the error. The server certificate is checked
+    against the stack's CA, so 'ok' also proves the port speaks TLS with it."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+    ctx.set_alpn_protocols(["h2"])
+    if with_certificate:
+        ctx.load_cert_chain(str(tls_dir / "tls.crt"), str(tls_dir / "tls.key"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            return "ok" if s.recv(9) else "closed"
+    except (OSError, ssl.SSLError) as e:
+        return str(e)
+
+
+def test_no_port_of_the_stack_serves_data_without_credentials(stack, tmp_path):
+    s3 = _s3(stack)
+    key = f"locks/{uuid.uuid4().hex}.jsonl"
+    s3.put_object(Bucket="mycelium-data", Key=key, Body=b'{"label": "kept"}\n')
+    client = MlflowClient(tracking_uri=stack.tracking_uri)  # the stack's user, from the session env
+    run = client.create_run(client.create_experiment(f"locks-{uuid.uuid4().hex[:8]}"))
+    (tmp_path / "weights.txt").write_text("trained")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
+    artifact = f"{run.info.experiment_id}/{run.info.run_id}/artifacts/model/weights.txt"
+
+    pids = [p for service in ("seaweedfs", "mlflow") for p in _group_pids(stack_mod._read_pid(stack, service))]
+    listening = _listening_ports(pids)
+    assert listening <= set(stack.all_ports().values()), f"a port the stack does not declare: {listening - set(stack.all_ports().values())}"
+    grpc = set(stack.grpc_ports.values())
+    for port in sorted(listening):
+        base = f"http://127.0.0.1:{port}"
+        # Each way to name the object: the filer's path, S3's path style, MLflow's artifact proxy.
+        for path in (f"/buckets/mycelium-data/{key}", "/buckets/mycelium-data/locks/", f"/mycelium-data/{key}",
+                     f"/api/2.0/mlflow-artifacts/artifacts/{artifact}", f"/api/2.0/mlflow-artifacts/artifacts?path={run.info.experiment_id}"):
+            for method, body in (("GET", None), ("PUT", b"overwritten"), ("DELETE", None)):
+                status = _anonymous(method, base + path, body)
+                assert not (isinstance(status, int) and status < 300), f"anonymous {method} {base}{path} answered {status}"
+        if port in grpc:  # gRPC (the filer's can list and delete any entry) takes only clients with our certificate
+            assert "CERTIFICATE_REQUIRED" in _tls_probe(port, stack.state_dir / "tls", with_certificate=False), port
+            assert _tls_probe(port, stack.state_dir / "tls", with_certificate=True) == "ok", port
+    # A volume write needs a JWT even with a file id the master hands out to anyone.
+    assigned = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['master']}/dir/assign", timeout=5).read())
+    assert _anonymous("POST", f"http://127.0.0.1:{stack.ports['volume']}/{assigned['fid']}", b"x") == 401
+
+    # Nothing was changed, and the credentialed paths still work.
+    assert s3.get_object(Bucket="mycelium-data", Key=key)["Body"].read() == b'{"label": "kept"}\n'
+    assert (Path(client.download_artifacts(run.info.run_id, "model/weights.txt", str(tmp_path / "dl"))).read_text()) == "trained"
+    secret_files = ["credentials.json", "security.toml", "mlflow-auth.ini", "tls/tls.key"]
+    assert all((stack.state_dir / f).stat().st_mode & 0o077 == 0 for f in secret_files), "a secret readable by others"

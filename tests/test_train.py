@@ -124,8 +124,8 @@ def test_mlflow_run_c4_registers_every_epoch_and_promotes_the_best(stack, corpus
     assert inputs["training"].digest != inputs["validation"].digest
 
     # Secrets never reach params or tags.
-    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    assert all(secret not in str(v) for v in {**parent.data.params, **parent.data.tags}.values())
+    hidden = (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    assert all(secret not in str(v) for secret in hidden for v in {**parent.data.params, **parent.data.tags}.values())
 
 
 def test_unweighted_c4_collapses_and_is_not_promoted(stack, corpus, tmp_path, monkeypatch):
