@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mycelium.tasks import TaskSpec, get_task
+from mycelium.text import NUMBER_MODES
 from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES
 
 DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -55,6 +58,9 @@ class TrainConfig:
     # Record fields the model reads, comma-separated, in order (e.g. problem,step_i,step_j);
     # "" = the task's default. Truncation cuts context fields (problem) first, steps stay whole.
     inputs: str = ""
+    # keep: numbers as written; symbols: each number value of a record becomes N1, N2, ... (the same
+    # symbol in every field), so the model sees which step reuses which quantity. Default: the task table's.
+    numbers: str = "keep"
     pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
     # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
     # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
@@ -90,6 +96,9 @@ class TrainConfig:
     # available when the run starts. Seed-sized C6 on Qwen2.5-0.5B needs about 11 GiB in bf16.
     cache_memory_gb: float = 0.0
     resume: bool = False
+    # Seconds an upload to MLflow / the artifact store is retried (doubling waits) before the
+    # training stops with the component that is down and the command that resumes.
+    retry_seconds: float = 60.0
     bundle_backbone: bool = False  # copy the backbone into every registered version (air-gapped serving)
     run_name: str = ""
     device: str = "auto"
@@ -136,6 +145,8 @@ class TrainConfig:
         if not fields or unknown or len(set(fields)) != len(fields):
             raise bad("inputs", f"give distinct record fields from {', '.join(INPUT_FIELDS)}, comma-separated "
                                 f"(the seed's: {','.join(self.spec.seed_inputs)})")
+        if self.numbers not in NUMBER_MODES:
+            raise bad("numbers", f"choose one of {', '.join(NUMBER_MODES)}")
         if self.pooling not in POOLINGS:
             raise bad("pooling", f"choose one of {', '.join(POOLINGS)}")
         if self.threshold not in ("auto", "none"):
@@ -173,6 +184,8 @@ class TrainConfig:
             raise bad("collapse_dominance", "must be in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
+        if self.retry_seconds < 0:
+            raise bad("retry_seconds", "must be >= 0 (seconds an upload is retried; 0 = one try)")
         if self.cache_memory_gb < 0:
             raise bad("cache_memory_gb", "must be 0 (auto: half the available RAM) or a size in GiB")
         if self.token_budget < 0:
@@ -191,6 +204,20 @@ class TrainConfig:
         if self.fallbacks in ("", "none"):
             return ()
         return tuple(s.strip() for s in self.fallbacks.split(",") if s.strip())
+
+    def resume_command(self, mlflow_run: bool) -> str:
+        """The command that resumes this training: its non-default parameters and resume=true, as
+        ``mlflow run`` (when it launched this one) or ``mycelium train`` takes them."""
+        defaults = config_from_args([], self.task).params()
+        changed = {k: v for k, v in self.params().items() if v != defaults[k] and k != "resume"}
+        changed["resume"] = "true"
+        if mlflow_run:
+            args = " ".join(f"-P {k}={shlex.quote(v)}" for k, v in changed.items())
+            # The environment manager `mlflow run` used shows in this interpreter's location.
+            manager = "conda" if "mlflow-" in os.environ.get("CONDA_PREFIX", "") else "virtualenv" if "/.mlflow/envs/" in sys.prefix else "local"
+            return f"mlflow run . -e {self.task} --env-manager {manager} --experiment-name {self.experiment} {args}"
+        args = " ".join(f"--{k.replace('_', '-')} {shlex.quote(v)}" for k, v in changed.items())
+        return f"mycelium train --task {self.task} {args}"
 
     def params(self) -> dict[str, str]:
         """The configuration as MLflow params (no secrets live here: credentials come from env)."""
@@ -226,6 +253,7 @@ def task_defaults(spec: TaskSpec) -> dict:
         "lr_backbone": spec.lr_backbone,
         "epochs": spec.epochs,
         "threshold": spec.threshold,
+        "numbers": spec.numbers,
     }
 
 

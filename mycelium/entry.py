@@ -59,7 +59,7 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv, task)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one line: a command in it stays whole
         return 2
     from mycelium.data.loading import DataError
     from mycelium.model.backbone import BackboneLoadError
@@ -73,7 +73,7 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
         require_tracking()
         result = run(cfg)
     except (ConfigError, DataError, BackboneLoadError, TrackingError, StackError, StorageError, FloatingPointError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one line: a command in it stays whole
         return 2
     print_summary(result, cfg, console)
     return 0

@@ -71,19 +71,20 @@ def s3_endpoint() -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None):
+def _client(endpoint: str | None, access_key: str | None):  # noqa: ARG001 - a key of the cache: new keys, new client
     # Path-style addressing: S3-compatible servers on loopback have no per-bucket DNS names.
     config = Config(
         s3={"addressing_style": "path"} if endpoint else {},
         retries={"max_attempts": 5, "mode": "standard"},
         max_pool_connections=32,
     )
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
+    # A session of its own: boto3's default session keeps the first credentials it resolved.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def s3_client():
-    """A boto3 S3 client for the configured endpoint (cached per endpoint)."""
-    return _client(s3_endpoint())
+    """A boto3 S3 client for the configured endpoint and access key (cached per pair)."""
+    return _client(s3_endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:

@@ -44,6 +44,8 @@ class TaskSpec:
     separator: str = " [SEP] "
     # Fields that only give context: truncation cuts them first and keeps the other fields whole.
     context_fields: tuple[str, ...] = ("problem",)
+    # "keep": numbers as written (the seed's); "symbols": each value mapped to N1, N2, ... per record.
+    numbers: str = "keep"
     # What to try, in order, when the first attempt is not good enough (see trainer.fallbacks).
     # "unfreeze": last 4 blocks trainable at lr 2e-5 when below fallback_threshold;
     # "sqrt_inv" / "focal": collapse remedies for C6.

@@ -3,14 +3,40 @@ evaluation and serving, so a served model sees exactly what training saw."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
 
-def join_inputs(inputs: Sequence[str], separator: str) -> str:
-    """``("step_i", "step_j")`` -> ``"step_i [SEP] step_j"`` (the seed's pair format); one field as is."""
-    return separator.join(inputs)
+NUMBER_MODES = ("keep", "symbols")
+# A number as written in text: thousands commas, decimals, leading-dot decimals; not inside a word
+# ("x2", "H2O") or a longer number.
+_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\w])")
+
+
+def number_symbols(fields: Sequence[str]) -> list[str]:
+    """Each number of a record replaced by a symbol (``N1``, ``N2``, ... in order of first
+    appearance), the same symbol for the same value in every field of the record.
+
+    The number-mapping of math word problem solvers (Wang et al., EMNLP 2017): which step reuses
+    which quantity becomes a repeated token the model can match, and the particular values, which
+    say nothing about the label, are gone.
+    """
+    table: dict[Fraction, str] = {}
+
+    def symbol(m: re.Match) -> str:
+        value = Fraction(m.group(1).replace(",", ""))
+        return table.setdefault(value, f"N{len(table) + 1}")
+
+    return [_NUMBER.sub(symbol, f) for f in fields]
+
+
+def join_inputs(inputs: Sequence[str], separator: str, numbers: str = "keep") -> str:
+    """``("step_i", "step_j")`` -> ``"step_i [SEP] step_j"`` (the seed's pair format); one field as
+    is. ``numbers="symbols"``: numbers mapped to symbols first (``number_symbols``)."""
+    return separator.join(number_symbols(inputs) if numbers == "symbols" else inputs)
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int | None, batch_size: int = 4096) -> list[list[int]]:
@@ -33,13 +59,15 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int | None, batch_size
 
 
 def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str], separator: str, max_length: int,
-                context_fields: Sequence[str] = ()) -> list[list[int]]:
+                context_fields: Sequence[str] = (), numbers: str = "keep") -> list[list[int]]:
     """Token ids of records given as field values in ``fields`` order, at most ``max_length`` each.
 
     A row over the limit loses the end of its context fields (the problem text) first, so the
     steps the label is about stay whole; only rows whose other fields alone are too long are cut
     at the end, as plain truncation would.
     """
+    if numbers == "symbols":  # before truncation, so a cut context does not renumber the steps
+        rows = [number_symbols(row) for row in rows]
     texts = [join_inputs(row, separator) for row in rows]
     ids = tokenize(tokenizer, texts, None)
     ctx = [i for i, name in enumerate(fields) if name in context_fields]

@@ -66,3 +66,17 @@ def test_check_does_not_wait_and_close_waits_for_running_jobs():
     threading.Timer(0.2, release.set).start()
     lane.close()
     assert finished == [True]
+
+
+def test_a_failed_job_is_reported_as_explain_words_it_and_later_jobs_do_not_run():
+    ran = []
+
+    def explain(error):
+        return RuntimeError(f"explained: {error}")
+
+    with Lane(explain=explain) as lane:
+        lane.submit(lambda: (_ for _ in ()).throw(ConnectionError("store down")))
+        later = lane.submit(ran.append, 1)
+        with pytest.raises(RuntimeError, match="explained: store down"):
+            lane.drain()
+    assert ran == [] and "an earlier tracking step failed (explained: store down)" in str(later.exception())

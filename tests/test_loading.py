@@ -294,7 +294,9 @@ def test_skip_mode_counts_and_keeps_rejects(tmp_path):
     f = write(tmp_path / "a.jsonl", jsonl_bytes(rows))
     write(tmp_path / "z.jsonl.gz", b"\x1f\x8bnot really gzip")
     data = load_task_data(str(tmp_path), C4, progress=False, on_error="skip")
-    assert len(data.records) == 9 and data.n_skipped == 3
+    assert len(data.records) == 9 and data.n_skipped == 2 and data.n_unreadable_files == 1  # a file is not "1 record"
+    assert data.summary()["data_skipped"] == 2 and data.summary()["data_unreadable_files"] == 1
+    assert "an unknown number of records lost" in data.rejects[2]["reason"]
     assert [(r["file"], r["line"], r["kind"]) for r in data.rejects] == [
         (str(f), 3, "malformed_json"),
         (str(f), 6, "unknown_label"),
@@ -305,9 +307,41 @@ def test_skip_mode_counts_and_keeps_rejects(tmp_path):
     write_rejects_jsonl(data.rejects, out)
     back = [json.loads(x) for x in out.read_text().splitlines()]
     assert [b["line"] for b in back] == [3, 6, 0] and set(back[1]) == {"file", "line", "kind", "reason", "raw"}
+    assert back[2]["records"] is None  # unknown, and said so
     assert "unknown label 'WHAT'" in back[1]["reason"]
     # the same data fails by default, naming the unreadable file
     assert f"{tmp_path / 'z.jsonl.gz'}: unreadable file" in load_error(tmp_path)
+
+
+def test_skip_mode_recovers_the_readable_part_of_a_damaged_gzip_and_counts_what_is_lost(tmp_path):
+    import gzip
+
+    rows = c4_rows(50)  # 150 records
+    body = gzip.compress(jsonl_bytes(rows), compresslevel=6)
+    write(tmp_path / "cut" / "a.jsonl.gz", body[: len(body) * 2 // 3])  # a truncated upload
+    data = load_task_data(str(tmp_path / "cut"), C4, progress=False, on_error="skip")
+    assert 0 < len(data.records) < 150  # what was written before the cut is trained on
+    assert [r.line for r in data.records] == list(range(1, len(data.records) + 1))  # whole lines only, in order
+    assert data.n_unreadable_files == 1 and data.n_skipped == 0  # the lost count is unknown: not guessed
+    (reject,) = data.rejects
+    assert reject["line"] == 0 and reject["records"] is None
+    assert f"truncated gzip file (its end is missing); {len(data.records)} record(s) before the damage were read" in reject["reason"]
+    msg = load_error(tmp_path / "cut")  # fail mode names the file and says what happened
+    assert f"0 bad record(s) and 1 unreadable file(s) in 1 file(s)" in msg and "truncated gzip" in msg
+
+    # A Parquet file whose pages are damaged but whose footer is intact states its record count.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([dict(r, split="train") for r in rows])
+    pq.write_table(table, tmp_path / "ok.parquet", compression="none")
+    raw = bytearray((tmp_path / "ok.parquet").read_bytes())
+    raw[8:400] = b"\xff" * 392  # the first pages
+    write(tmp_path / "pq" / "a.parquet", bytes(raw))
+    write(tmp_path / "pq" / "b.jsonl", jsonl_bytes(c4_rows(3)))
+    data = load_task_data(str(tmp_path / "pq"), C4, progress=False, on_error="skip")
+    assert len(data.records) == 9 and data.n_unreadable_files == 1 and data.n_skipped == 150
+    assert data.rejects[0]["records"] == 150 and "150 record(s) lost" in data.rejects[0]["reason"]
 
 
 def test_missing_id_is_derived_from_file_and_line(tmp_path):

@@ -75,6 +75,24 @@ def test_truncation_cuts_the_problem_and_keeps_the_steps_whole():
     assert short == tok("A problem. [SEP] " + step_i + " [SEP] " + step_j)["input_ids"]
 
 
+def test_number_symbols_follow_values_across_the_fields_of_a_record():
+    from mycelium.text import join_inputs, number_symbols
+
+    problem = "Carl has 1,200 stamps and buys 3 more packs of 20; he had 2 albums."
+    step_i = "3 * 20 = 60 stamps."
+    step_j = "1200 + 60 = 1260 stamps in 2.0 albums (H2O, x2)."
+    assert number_symbols([problem, step_i, step_j]) == [
+        "Carl has N1 stamps and buys N2 more packs of N3; he had N4 albums.",
+        "N2 * N3 = N5 stamps.",
+        "N1 + N5 = N6 stamps in N4 albums (H2O, x2).",  # 1,200 = 1200 and 2 = 2.0; numbers inside words stay
+    ]
+    # Symbols are per record, and mapping twice changes nothing (serving may see mapped text).
+    assert number_symbols(["7 apples"]) == ["N1 apples"]
+    mapped = number_symbols([step_i, step_j])
+    assert number_symbols(mapped) == mapped
+    assert join_inputs([step_i, step_j], " [SEP] ", numbers="keep") == f"{step_i} [SEP] {step_j}"
+
+
 def test_inputs_parameter_is_validated_and_becomes_the_spec():
     cfg = config_from_args(["--inputs", "problem,step_i,step_j"], "c4")
     assert cfg.spec.input_fields == ("problem", "step_i", "step_j")
@@ -157,6 +175,7 @@ def gated_run(stack, tmp_path_factory):
     cfg = config_from_args(
         ["--data", f"{prefix}/c4/", "--backbone", "minilm", "--epochs", "4", "--lr-head", "1e-9", "--early-stopping", "1",
          "--min-metric", "0.99", "--threshold", "auto", "--inputs", "problem,step_i,step_j", "--max-length", "64", "--fallbacks", "none",
+         "--numbers", "symbols",
          "--registered-model", model, "--experiment", f"exp-{model}"],
         "c4",
     )
@@ -197,6 +216,7 @@ def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
     manifest = json.loads(manifest_path.read_text())
     assert manifest["threshold"] == best.threshold and manifest["threshold"]["label"] == "BRIDGING"
     assert manifest["input_fields"] == ["problem", "step_i", "step_j"] and manifest["context_fields"] == ["problem"]
+    assert manifest["numbers"] == "symbols"
     t = manifest["threshold"]["value"]
     assert 0 < t < 1 and abs(t - 0.5) > 1e-6  # tuned, not the argmax cut
 
@@ -207,6 +227,11 @@ def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
     out = mlflow.pyfunc.load_model(uri).predict(rows)
     expected = np.where(out["prob_BRIDGING"] >= t, "BRIDGING", "NOT_BRIDGING")
     assert out["label"].tolist() == expected.tolist()
+    # Serving maps numbers as training did: other values in the same places score the same.
+    renamed = rows.apply(lambda col: col.str.replace("48", "50").str.replace("24", "25").str.replace("72", "75"))
+    assert renamed.iloc[1, 2] != rows.iloc[1, 2]
+    again = mlflow.pyfunc.load_model(uri).predict(renamed)
+    np.testing.assert_allclose(again["prob_BRIDGING"], out["prob_BRIDGING"], atol=1e-6)
 
     # The CLI labels as pyfunc does.
     lines = "\n".join(json.dumps(r) for r in rows.to_dict("records")) + "\n"

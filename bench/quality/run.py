@@ -55,7 +55,7 @@ SEED_TABLE: dict[str, list[str]] = {
 SEED_INPUTS = {"c4": "step_i,step_j", "c5": "step_i,step_j", "c6": "problem"}
 SEED_ARGS: dict[str, list[str]] = {
     task: ["--inputs", fields, "--threshold", "none", "--lr-schedule", "constant", "--warmup-ratio", "0",
-           "--early-stopping", "0", "--search", "none"]
+           "--early-stopping", "0", "--search", "none", "--numbers", "keep"]
     for task, fields in SEED_INPUTS.items()
 }
 
@@ -83,6 +83,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            {t: args_of(SEED_TABLE[t], SEED_ARGS[t]) for t in SEED_TABLE}),
     Recipe("default", "the project's current defaults (no recipe arguments)", {t: [] for t in SEED_TABLE}),
     Recipe("peer", "HF Trainer as bench/ runs it, the seed's class weights, final epoch", None),
+    Recipe("seed+numbers", "the seed's recipe (fallback ladder on) with numbers mapped to symbols N1, N2, ... per record",
+           {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--numbers", "symbols"]) for t in SEED_TABLE}),
 )}
 # The ablation: the seed's first attempt (no fallback ladder, so a row is one frozen or partly
 # frozen attempt) plus one feature at a time (--ablation adds these rows).
@@ -99,6 +101,8 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "pool=last": ("seed-1 pooled at the last real token (the default for decoder-only backbones)",
                   {t: ["--pooling", "last"] for t in SEED_TABLE}),
     "pool=mean": ("seed-1 mean-pooled over real tokens (the default for encoders)", {t: ["--pooling", "mean"] for t in SEED_TABLE}),
+    "+numbers": ("seed-1 with numbers mapped to symbols N1, N2, ... per record (the same value, the same symbol)",
+                 {t: ["--numbers", "symbols"] for t in SEED_TABLE}),
     "+search": ("seed-1 + tuned threshold + head recipe search (24 recipes, chosen on validation)",
                 {t: ["--threshold", "auto", "--search", "grid"] for t in SEED_TABLE}),
 }

@@ -15,7 +15,6 @@ What this module guarantees (the data contract):
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -23,6 +22,7 @@ import logging
 import os
 import re
 import uuid
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -97,7 +97,7 @@ class LoadedData:
     # The files read, sorted by key; ``etag`` is the S3 ETag or, for local files, the MD5 of the
     # content (which equals the S3 ETag of a single-part upload of the same bytes).
     files: list[ObjectInfo]
-    n_skipped: int
+    n_skipped: int  # records dropped, counted (a damaged file's lost records only when it states them)
     rejects: list[dict[str, Any]]
     class_counts: dict[str, int]
     field_map: dict[str, str]
@@ -106,6 +106,7 @@ class LoadedData:
     n_downloaded: int = 0  # objects fetched from S3 by this load (0 when all were cached)
     n_cached: int = 0  # S3 objects served from the local cache
     bytes_downloaded: int = 0
+    n_unreadable_files: int = 0  # files that could not be decoded to their end (their rejects have line 0)
 
     def summary(self) -> dict[str, Any]:
         """Flat values suitable for tracking params/tags."""
@@ -115,6 +116,7 @@ class LoadedData:
             "data_files": len(self.files),
             "data_records": len(self.records),
             "data_skipped": self.n_skipped,
+            "data_unreadable_files": self.n_unreadable_files,
             "labels": ",".join(self.labels),
         }
 
@@ -355,18 +357,70 @@ def _truncate(raw: str) -> str:
     return raw if len(raw) <= MAX_RAW_CHARS else raw[:MAX_RAW_CHARS] + "...[truncated]"
 
 
-def _iter_rows(data: bytes, name: str) -> Iterator[tuple[int, str, Any]]:
-    """(line, raw text, parsed object or _RowError) for every record of one file."""
+class _Damaged(Exception):
+    """A file that cannot be read to its end: why, and how many records it holds if known."""
+
+    def __init__(self, reason: str, records: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.records = reason, records
+
+
+def _gunzip(data: bytes) -> tuple[bytes, str | None]:
+    """The decodable part of a gzip file and why decoding stopped early (None: all of it).
+
+    Not ``gzip.decompress``: it returns nothing for a truncated or damaged file, while every line
+    before the damage is still good data. Fed in chunks so the part before a bad block is kept."""
+    out: list[bytes] = []
+    rest = data
+    while rest:  # a file may hold several gzip members back to back
+        d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        try:
+            for start in range(0, len(rest), 1 << 16):
+                out.append(d.decompress(rest[start : start + (1 << 16)]))
+                if d.eof:
+                    break
+            out.append(d.flush())
+        except zlib.error as e:
+            return b"".join(out), f"damaged gzip data ({e})"
+        if not d.eof:
+            return b"".join(out), "truncated gzip file (its end is missing)"
+        rest = d.unused_data
+    return b"".join(out), None
+
+
+def _parquet_rows(data: bytes) -> int | None:
+    """The row count a Parquet footer states, when the footer can be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    except Exception:  # noqa: BLE001 - no footer: the count is unknown
+        return None
+
+
+def _read_rows(data: bytes, name: str) -> tuple[list[tuple[int, str, Any]], _Damaged | None]:
+    """(line, raw text, parsed object or _RowError) for every readable record of one file, and
+    what made the rest unreadable (None: the whole file was read)."""
     if name.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(data))
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, _truncate(json.dumps(row, default=str, ensure_ascii=False)), row
-        return
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - a damaged Parquet file has no readable part
+            return [], _Damaged(f"unreadable Parquet file: {type(e).__name__}: {e}", _parquet_rows(data))
+        rows = [(i, _truncate(json.dumps(row, default=str, ensure_ascii=False)), row) for i, row in enumerate(table.to_pylist(), start=1)]
+        return rows, None
+    damage = None
     if data[:2] == b"\x1f\x8b":
         # Sniff gzip instead of trusting the suffix: ".jsonl" files are sometimes compressed.
-        data = gzip.decompress(data)
+        data, why = _gunzip(data)
+        if why is not None:
+            data = data[: data.rfind(b"\n") + 1]  # the last line was cut by the damage: not a record
+            damage = _Damaged(why)
+    return list(_iter_lines(data)), damage
+
+
+def _iter_lines(data: bytes) -> Iterator[tuple[int, str, Any]]:
     for i, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline, spacing) are not records
@@ -552,8 +606,10 @@ def format_rejects(rejects: Sequence[Mapping[str, Any]], uri: str, spec: TaskSpe
     """The ``DataError`` message for bad records: a summary, file:line entries, and a fix hint."""
     kinds = Counter(r["kind"] for r in rejects)
     n_files = len({r["file"] for r in rejects})
+    n_unreadable = kinds.get("unreadable_file", 0)
     by_kind = ", ".join(f"{_KIND_NAMES.get(k, k)}: {n}" for k, n in kinds.most_common())
-    lines = [f"{len(rejects)} bad record(s) in {n_files} file(s) under {uri} for task {spec.name} ({by_kind}):"]
+    what = f"{len(rejects) - n_unreadable} bad record(s)" + (f" and {n_unreadable} unreadable file(s)" if n_unreadable else "")
+    lines = [f"{what} in {n_files} file(s) under {uri} for task {spec.name} ({by_kind}):"]
 
     # Unknown labels are usually systematic (another label vocabulary, wrong case), so one entry
     # per distinct label with its count and first places reads better than thousands of lines.
@@ -585,7 +641,8 @@ def format_rejects(rejects: Sequence[Mapping[str, Any]], uri: str, spec: TaskSpe
 def write_rejects_jsonl(rejects: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write rejected lines (file, line, kind, reason, raw) as JSON Lines, locally or to S3."""
     body = "".join(
-        json.dumps({k: r.get(k) for k in ("file", "line", "kind", "reason", "raw")}, ensure_ascii=False, default=str) + "\n"
+        json.dumps({k: r.get(k) for k in ("file", "line", "kind", "reason", "raw", *(("records",) if r["kind"] == "unreadable_file" else ()))},
+                   ensure_ascii=False, default=str) + "\n"
         for r in rejects
     )
     storage.write_bytes(os.fspath(path), body.encode("utf-8"))
@@ -660,7 +717,8 @@ def load_task_data(
     records: list[Record] = []
     rejects: list[dict[str, Any]] = []
     read_files: list[ObjectInfo] = []
-    n_skipped = 0
+    n_skipped = 0  # records known to be dropped
+    n_unreadable = 0  # files (or their ends) that could not be decoded
 
     for info, path in tqdm(
         list(zip(files, paths)), unit="file", desc="read", disable=None if progress and len(files) > 1 else True
@@ -671,14 +729,15 @@ def load_task_data(
             info = dataclasses.replace(info, etag=hashlib.md5(data, usedforsecurity=False).hexdigest())
         read_files.append(info)
         key = _rel_key(info)
-        try:
-            rows = list(_iter_rows(data, key))
-        except Exception as e:  # corrupt gzip / parquet: the whole file is one reject
-            rejects.append(
-                {"file": info.uri, "line": 0, "kind": "unreadable_file", "reason": f"unreadable file: {type(e).__name__}: {e}", "raw": None}
-            )
-            n_skipped += 1
-            continue
+        rows, damage = _read_rows(data, key)
+        if damage is not None:
+            # A file-level reject: its lost records are counted when the file says how many.
+            lost = "an unknown number of records" if damage.records is None else f"{damage.records} record(s)"
+            read = f"{len(rows)} record(s) before the damage were read, the rest is lost" if rows else f"{lost} lost"
+            rejects.append({"file": info.uri, "line": 0, "kind": "unreadable_file", "reason": f"unreadable file: {damage.reason}; {read}",
+                            "raw": None, "records": damage.records})
+            n_unreadable += 1
+            n_skipped += damage.records or 0
         for line, raw, obj in rows:
             try:
                 if isinstance(obj, _RowError):
@@ -692,9 +751,9 @@ def load_task_data(
         raise DataError(format_rejects(rejects, uri, spec, max_errors))
     if rejects:
         first = rejects[0]
-        log.warning(
-            "skipped %d bad record(s) under %s (on_error=skip); first: %s: %s", n_skipped, uri, _where(first), first["reason"]
-        )
+        damaged = f" and the unreadable part of {n_unreadable} file(s)" if n_unreadable else ""
+        log.warning("skipped %d bad record(s)%s under %s (on_error=skip); first: %s: %s", n_skipped, damaged, uri, _where(first),
+                    first["reason"])
     if not records:
         raise DataError(
             f"no valid records under {uri} for task {spec.name}: every record was rejected.\n"
@@ -721,6 +780,7 @@ def load_task_data(
         fingerprint=fingerprint(read_files, fmap, names, spec.input_fields),
         files=read_files,
         n_skipped=n_skipped,
+        n_unreadable_files=n_unreadable,
         rejects=rejects,
         class_counts=class_counts,
         field_map=fmap,

@@ -59,6 +59,7 @@ def stats_report(
         "n_records": len(data.records),
         "n_problems": len({r.problem_id for r in data.records}),
         "n_skipped": data.n_skipped,
+        "n_unreadable_files": data.n_unreadable_files,
         "labels": list(data.labels),
         "class_counts": dict(data.class_counts),
         "class_percent": {k: (100.0 * v / total if total else 0.0) for k, v in data.class_counts.items()},
@@ -82,6 +83,7 @@ def print_stats(report: dict[str, Any], console: Console | None = None) -> None:
     con.print(
         f"{report['n_files']} file(s), {report['n_bytes']:,} bytes, {report['n_records']:,} record(s) "
         f"from {report['n_problems']:,} problem(s); {report['n_skipped']:,} bad record(s) skipped"
+        + (f", {report['n_unreadable_files']} unreadable file(s) (records lost: see below)" if report["n_unreadable_files"] else "")
         + (f"; {len(report['ignored'])} non-data object(s) ignored" if report["ignored"] else "")
     )
 
@@ -109,7 +111,7 @@ def print_stats(report: dict[str, Any], console: Console | None = None) -> None:
     for w in split.get("warnings") or []:
         con.print(f"[yellow]warning:[/yellow] {w}")
 
-    if report["n_skipped"]:
+    if report["reject_kinds"]:
         bad = Table(title="bad records")
         bad.add_column("reason")
         bad.add_column("count", justify="right")

@@ -23,6 +23,7 @@ filled in by ``save_checkpoint``::
     allow_empty      [str, ...]  input fields that may be ""; default: the task table's, else []
     separator*       str         joins the input fields (text.join_inputs)
     context_fields   [str, ...]  input fields truncation cuts first (text.encode_rows); default []
+    numbers          "keep" | "symbols"   numbers as written or mapped to N1, N2, ... (text.number_symbols); default "keep"
     max_length*      int > 0     tokenizer truncation
     threshold        {label, value} | null   binary decision rule (mycelium.train.threshold); null = argmax
     backbone*        {name, revision, architecture, pooling, hidden_size,
@@ -184,6 +185,9 @@ def validate_manifest(manifest: dict, *, complete: bool = True) -> dict:
     if not isinstance(context, (list, tuple)) or any(f not in m["input_fields"] for f in context):
         raise _err("context_fields", f"must be a list of input fields, got {context!r}")
     m["context_fields"] = list(context)
+    m.setdefault("numbers", "keep")
+    if m["numbers"] not in text.NUMBER_MODES:
+        raise _err("numbers", f"must be one of {', '.join(text.NUMBER_MODES)}, got {m['numbers']!r}")
     t = m.get("threshold")
     if t is not None:
         if not isinstance(t, dict) or t.get("label") not in m["labels"] or len(m["labels"]) != 2:
@@ -610,7 +614,7 @@ def predict_proba(
             fields = ", ".join(manifest["input_fields"])
             raise ValueError(f"row {i} has {len(row)} values, expected {n_fields} ({fields})")
     ids = text.encode_rows(tokenizer, rows, manifest["input_fields"], manifest["separator"], manifest["max_length"],
-                           manifest.get("context_fields", ()))
+                           manifest.get("context_fields", ()), manifest.get("numbers", "keep"))
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"rows {empty[:10]} tokenize to no tokens")

@@ -26,9 +26,12 @@ class Lane:
     pass's many short torch calls; on a 2-core CPU that made the MiniLM pass 2-4x slower.
     """
 
-    def __init__(self, paused: bool = False) -> None:
+    def __init__(self, paused: bool = False, explain=lambda error: error) -> None:
+        """``explain``: turns a job's error into the one to report (``outage.resume_hint``), so that
+        every job fails the same way: one message, never a raw traceback from the tracking thread."""
         from concurrent.futures import ThreadPoolExecutor
 
+        self._explain = explain
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mycelium-tracking")
         self._futures: list = []
         self._failed: BaseException | None = None
@@ -43,9 +46,9 @@ class Lane:
                 raise TrackingError(f"not run: an earlier tracking step failed ({self._failed})")
             try:
                 return fn(*args, **kwargs)
-            except BaseException as e:
-                self._failed = e
-                raise
+            except Exception as e:  # noqa: BLE001 - reported by check/drain, with the component that failed
+                self._failed = self._explain(e)
+                raise self._failed from e
 
         future = self._pool.submit(job)
         self._futures.append(future)

@@ -26,7 +26,8 @@ from mycelium.serving.package import (
 )
 from mycelium.tracking import figure_worker
 from mycelium.tracking.registry import existing_version
-from mycelium.tracking.runs import TrackingError, log_batch, with_retries
+from mycelium.tracking.outage import TrackingOutage, with_retries
+from mycelium.tracking.runs import log_batch
 from mycelium.train.attempts import Attempt
 from mycelium.train.loop import EpochResult
 from mycelium.train.prepare import Prepared
@@ -50,7 +51,7 @@ def epoch_manifest(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: Epoch
     manifest = {
         "task": cfg.task, "labels": prep.labels, "input_fields": list(cfg.spec.input_fields), "allow_empty": list(cfg.spec.allow_empty),
         "context_fields": [f for f in cfg.spec.context_fields if f in cfg.spec.input_fields],
-        "separator": cfg.spec.separator, "max_length": cfg.max_length,
+        "separator": cfg.spec.separator, "numbers": cfg.numbers, "max_length": cfg.max_length,
         "backbone": backbone_manifest(prep.info),
         "n_unfrozen": attempt.unfrozen_layers, "head": {"dropout": cfg.dropout}, "precision": prep.precision,
         "attempt": attempt.name, "data_fingerprint": prep.data.fingerprint,
@@ -83,7 +84,8 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
                 "last_completed_epoch": str(ep.epoch)}
     existing = existing_version(cfg.registered_model, run_id, ep.epoch) if may_exist else None
     if existing is not None:  # a resumed run that died after registering this epoch
-        log_batch(client, run_id, metrics, ep.epoch, run_tags)
+        if ep.epoch not in {m.step for m in client.get_metric_history(run_id, "val_loss")}:  # each step once
+            log_batch(client, run_id, metrics, ep.epoch, run_tags)
         shutil.rmtree(ckpt.parent, ignore_errors=True)  # already uploaded: the local copy is not needed
         return existing.version
     if cfg.bundle_backbone:
@@ -91,10 +93,10 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
     manifest = read_manifest(ckpt)
 
     # The epoch's model first, so its metrics are logged against it (the UI shows them on the
-    # model page too): metrics and run tags in one request.
+    # model page too). The metrics go last, once the version exists: an upload that fails leaves no
+    # metric point that the resumed epoch would log a second time.
     logged = with_retries("creation of the epoch's logged model",
-                                   lambda: start_logged_model(f"{attempt.name}-epoch-{ep.epoch}", manifest, run))
-    log_batch(client, run_id, metrics, ep.epoch, run_tags, model_id=logged.model_id)
+                          lambda: start_logged_model(f"{attempt.name}-epoch-{ep.epoch}", manifest, run), cfg.retry_seconds)
     confusion = ckpt.parent / "confusion"
     confusion.mkdir(exist_ok=True)
     stem = f"epoch-{ep.epoch:03d}"
@@ -116,14 +118,41 @@ def log_epoch(prep: Prepared, cfg: TrainConfig, attempt: Attempt, ep: EpochResul
         tags["meets_min_metric"] = str(report.metrics[metric] >= cfg.min_metric).lower()
     try:
         with_retries(f"upload of the epoch {ep.epoch} confusion matrix",
-                              lambda: upload_folder(confusion, f"{run.info.artifact_uri.rstrip('/')}/confusion"))
+                     lambda: upload_folder(confusion, f"{run.info.artifact_uri.rstrip('/')}/confusion"), cfg.retry_seconds)
         info = with_retries(
             f"upload and registration of the epoch {ep.epoch} checkpoint",
             lambda: log_checkpoint(ckpt, logged_model=logged, template=template, registered_model_name=cfg.registered_model,
                                    version_tags=tags, run=run),
+            cfg.retry_seconds,
         )
-    except TrackingError as e:
-        raise TrackingError(f"{e}. The checkpoint is kept on local disk at {ckpt.absolute()}") from e
+    except TrackingOutage:
+        _discard_pending(client, logged.model_id)
+        raise
+    log_batch(client, run_id, metrics, ep.epoch, run_tags, model_id=logged.model_id)  # metrics and run tags: one request
     shutil.rmtree(ckpt.parent, ignore_errors=True)  # uploaded and registered: the local copy has done its job
     return str(info.registered_model_version)
+
+
+def _discard_pending(client: MlflowClient, model_id: str) -> None:
+    """Delete the logged model of an upload that gave up (best effort: the server may be the
+    component that is down; a resume deletes what is left, ``discard_pending_models``)."""
+    try:
+        client.delete_logged_model(model_id)
+    except Exception as e:  # noqa: BLE001 - the outage is the error to report
+        log.debug("could not delete pending logged model %s: %s", model_id, e)
+
+
+def discard_pending_models(run) -> int:
+    """Delete the PENDING logged models of ``run`` that a killed or failed upload left; their epochs
+    are trained again and logged anew. Returns how many."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    pending = [m for m in models if m.status == LoggedModelStatus.PENDING]
+    for m in pending:
+        client.delete_logged_model(m.model_id)
+    if pending:
+        log.info("removed %d unfinished logged model(s) of run %s left by an interrupted upload", len(pending), run.info.run_id)
+    return len(pending)
 

@@ -69,6 +69,19 @@ def preflight(timeout: float = 10.0) -> str:
                 f"the MLflow tracking server at {uri} does not answer ({e}). Start the embedded one with "
                 "`mycelium stack up` and `eval \"$(mycelium stack env)\"`, or set MLFLOW_TRACKING_URI to your team's server."
             ) from None
+        # /health answers anyone; one real request shows whether this process may use the server.
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except MlflowException as e:
+            if "401" in str(e) or "403" in str(e) or "not authenticated" in str(e) or "Permission" in str(e):
+                raise TrackingError(
+                    f"the MLflow tracking server at {uri} refused this process's credentials. Set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN); for the embedded stack run "
+                    "`eval \"$(mycelium stack env)\"`."
+                ) from None
+            raise
     return uri
 
 
@@ -134,19 +147,6 @@ def child_runs(parent_run_id: str, experiment_id: str) -> list[mlflow.entities.R
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100
     )
     return sorted(runs, key=lambda r: int(r.data.tags.get("attempt_index", "0")))
-
-
-def with_retries(what: str, fn, attempts: int = 3, wait: float = 2.0):
-    """Run an upload; retry on failure, then raise with the last error."""
-    last: Exception | None = None
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - network and server errors alike are retried
-            last = e
-            log.warning("%s failed (try %d of %d): %s", what, i + 1, attempts, e)
-            time.sleep(wait * (i + 1))
-    raise TrackingError(f"{what} failed after {attempts} tries: {last}") from last
 
 
 def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -> None:

@@ -84,7 +84,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     # Tokenize once; every attempt and epoch reuses the ids.
     def encode(records):
         return encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
-                           spec.context_fields)
+                           spec.context_fields, cfg.numbers)
 
     train_ids, val_ids = encode(split.train), encode(split.val)
 

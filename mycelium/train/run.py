@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
-from mycelium.config import TrainConfig
+from mycelium.config import TrainConfig, state_root
 from mycelium.data.loading import write_rejects_jsonl
 from mycelium.metrics import evaluate_predictions
 from mycelium.model.blocks import apply_freezing, transformer_blocks
@@ -29,7 +29,9 @@ from mycelium.model.classifier import count_trainable, param_groups
 from mycelium.serving.package import ModelTemplate
 from mycelium.tracking import figure_worker
 from mycelium.tracking.lane import Lane
+from mycelium.tracking.outage import bound_mlflow_http_retries, resume_hint
 from mycelium.tracking.publish import (
+    discard_pending_models,
     epoch_manifest,
     publish_epoch,
     save_epoch_checkpoint,
@@ -42,6 +44,7 @@ from mycelium.tracking.registry import (
     tag_version,
 )
 from mycelium.tracking.runs import (
+    TrackingError,
     child_runs,
     find_resumable,
     log_batch,
@@ -170,6 +173,7 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     """Train a task end to end (see the module docstring); the result names the parent run."""
+    bound_mlflow_http_retries()
     try:
         with cpu_tuning(resolve_device(cfg)):
             return _run(cfg)
@@ -182,7 +186,6 @@ def _run(cfg: TrainConfig) -> RunResult:
     figure_worker.start()  # its matplotlib import overlaps data loading
     preflight()
     prep = prepare(cfg)
-    metric = cfg.spec.selection_metric
     use_experiment(cfg.experiment)
     ensure_registered_model(cfg.registered_model, cfg.spec.description)
 
@@ -194,11 +197,50 @@ def _run(cfg: TrainConfig) -> RunResult:
     # the parent when it is in this task's experiment; otherwise the parent goes to the task's
     # experiment (one experiment per task) and the launcher run gets a link to it.
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    launched = launcher is not None
     if launcher and parent_id is None:
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is not None and MlflowClient().get_run(launcher).info.experiment_id == exp.experiment_id:
             parent_id, launcher = launcher, None
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent, Lane(paused=True) as lane:
+    if launcher and resumed is not None:
+        _mark_resume_launcher(launcher, resumed)
+    # From here on a failure of MLflow or the store ends with the component named and the command
+    # that resumes (checkpoints and resume state stay on local disk).
+    kept = f"{(state_root() / 'checkpoints').absolute()} (checkpoints) and {(state_root() / 'resume').absolute()} (resume state)"
+    explain = lambda error: resume_hint(error, cfg.resume_command(mlflow_run=launched), kept)  # noqa: E731
+    try:
+        return _train_in_parent(cfg, prep, resumed, parent_id, launcher, explain)
+    except Exception as e:
+        # Closing the runs on a server that is down fails too: report the first failure.
+        first = next((c for c in _chain(e) if isinstance(c, TrackingError) and "resume with:" in str(c)), None)
+        hinted = first or explain(e)
+        if hinted is e:
+            raise
+        raise hinted from e
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__context__
+
+
+def _mark_resume_launcher(launcher: str, resumed) -> None:
+    """The run `mlflow run` opened for a resume: named and described as such, pointing to the
+    training it continues (it stays empty: the training is logged in the resumed run)."""
+    name = resumed.info.run_name or resumed.info.run_id
+    log_batch(MlflowClient(), launcher, {}, 0, {
+        "mlflow.runName": f"resume of {name}", "mycelium_resume_of": resumed.info.run_id,
+        "mlflow.note.content": f"`mlflow run` opened this run to resume training run {resumed.info.run_id} ({name}); "
+                               f"the training continues in that run: {ui_url(resumed)}"})
+
+
+def _train_in_parent(cfg: TrainConfig, prep: Prepared, resumed, parent_id: str | None, launcher: str | None, explain) -> RunResult:
+    metric = cfg.spec.selection_metric
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else (cfg.run_name or None)) as parent, \
+            Lane(paused=True, explain=explain) as lane:
         pid = parent.info.run_id
         if resumed is None:
             # The tags that make the run findable (and resumable) now; the rest on the tracking thread.
@@ -238,8 +280,11 @@ def _run(cfg: TrainConfig) -> RunResult:
         ui = ui_url(parent)
     if launcher:
         MlflowClient().set_tag(launcher, "mycelium_training_run", ui)
-        log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
-                 cfg.experiment, ui, cfg.experiment)
+        if resumed is not None:
+            log.info("resumed training run %s: %s (the run `mlflow run` opened is marked as its resume)", pid, ui)
+        else:
+            log.info("training logged in experiment %s: %s (pass --experiment-name %s to `mlflow run` to use one run)",
+                     cfg.experiment, ui, cfg.experiment)
     ResumeState.clear(pid)
     return RunResult(pid, results, winner, decision, prep.labels, ui)
 
@@ -276,6 +321,7 @@ def _run_child(prep: Prepared, cfg: TrainConfig, attempt: Attempt, parent_id: st
         if previous.data.tags.get("mycelium_state") == "done":
             return ResumeState.finished_attempt(previous, attempt, prep)
         resume = ResumeState.load(parent_id, attempt)
+        discard_pending_models(previous)
     run_name = f"{attempt.index}-{attempt.name}"
     with mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else run_name, nested=True) as child:
         if previous is None:
@@ -340,6 +386,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
         metrics.update({f"{split_name}_share_{k}": v / total for k, v in per_label.items()})
     if prep.data.rejects:
         metrics["data_skipped"] = float(prep.data.n_skipped)
+        metrics["data_unreadable_files"] = float(prep.data.n_unreadable_files)
     log_batch(client, run_id, metrics, 0, {})
     client.log_text(run_id, json.dumps({"counts": counts, "warnings": prep.split.warnings}, indent=2), "data/class_distribution.json")
     log_png(client, run_id, figure_worker.png("class_distribution", counts=counts, title=f"{cfg.task} class distribution"),

@@ -41,7 +41,7 @@ class Source:
             key_parts = dict(
                 backbone=prep.info.name, revision=prep.info.revision, max_length=cfg.max_length, pooling=model.pooling,
                 separator=cfg.spec.separator, fingerprint=prep.data.fingerprint, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                precision=prep.precision, context_fields=cfg.spec.context_fields,
+                precision=prep.precision, context_fields=cfg.spec.context_fields, numbers=cfg.numbers,
             )
             total = sum(len(s) for s in prep.train_ids) + sum(len(s) for s in prep.val_ids)
             # Under bf16/fp16 autocast the states are stored in that dtype: half the memory.
