@@ -115,6 +115,10 @@ def test_store_down_after_epoch_1_names_it_in_seconds_and_resume_leaves_a_clean_
     # beyond the budget (the stock client waited ~4 min per try, three times).
     assert took < RETRY_SECONDS + 90, took
     assert sorted(int(v.tags["epoch"]) for v in MlflowClient().search_model_versions(f"name = '{model}'")) == [1]
+    # Nothing trained is lost: the unpublished epochs' checkpoints and the resume state stay on disk.
+    kept = sorted(p.parent.parent.name for p in (tmp_path / "state" / "checkpoints").rglob("manifest.json"))
+    assert kept and "epoch-001" not in kept, kept  # epoch 1 was uploaded, so its local copy is gone
+    assert any((tmp_path / "state" / "resume").iterdir())
 
     # A kill during an upload leaves a pending logged model; a resume removes it.
     run_id = MlflowClient().search_model_versions(f"name = '{model}'")[0].tags["run_id"]
