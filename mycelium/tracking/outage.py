@@ -43,6 +43,7 @@ def bound_mlflow_http_retries() -> None:
 class Diagnosis:
     component: str  # what is down or refusing, as a user would name it
     detail: str  # what the probe or the error showed
+    heals: bool = True  # worth retrying: a server may come back, a refused credential will not
 
     def __str__(self) -> str:
         return f"{self.component} ({self.detail})"
@@ -97,7 +98,8 @@ def diagnose(error: BaseException) -> Diagnosis:
             return Diagnosis(f"the MLflow tracking server at {uri} is down", f"/health: {down}")
     if _AUTH.search(text):
         return Diagnosis("credentials were refused",
-                         "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and the AWS keys")
+                         "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and the AWS keys",
+                         heals=False)
     s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     if s3:
         closed = _port_open(s3)
@@ -122,7 +124,7 @@ def with_retries(what: str, fn, budget_s: float = 60.0, first_wait: float = 1.0)
         except Exception as e:  # noqa: BLE001 - network and server errors alike are retried
             diagnosis = diagnose(e) if diagnosis is None or tries % 3 == 0 else diagnosis
             elapsed = time.monotonic() - start
-            if diagnosis.component == "credentials were refused" or elapsed + wait > budget_s:
+            if not diagnosis.heals or elapsed + wait > budget_s:
                 raise TrackingOutage(what, diagnosis, tries, elapsed, e) from e
             log.warning("%s failed: %s; retrying in %.0f s (for up to %.0f s in all)", what, diagnosis, wait, budget_s)
             time.sleep(wait)
