@@ -33,10 +33,9 @@ def number_symbols(fields: Sequence[str]) -> list[str]:
     return [_NUMBER.sub(symbol, f) for f in fields]
 
 
-def join_inputs(inputs: Sequence[str], separator: str, numbers: str = "keep") -> str:
-    """``("step_i", "step_j")`` -> ``"step_i [SEP] step_j"`` (the seed's pair format); one field as
-    is. ``numbers="symbols"``: numbers mapped to symbols first (``number_symbols``)."""
-    return separator.join(number_symbols(inputs) if numbers == "symbols" else inputs)
+def join_inputs(inputs: Sequence[str], separator: str) -> str:
+    """``("step_i", "step_j")`` -> ``"step_i [SEP] step_j"`` (the seed's pair format); one field as is."""
+    return separator.join(inputs)
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int | None, batch_size: int = 4096) -> list[list[int]]:

@@ -90,7 +90,7 @@ def test_number_symbols_follow_values_across_the_fields_of_a_record():
     assert number_symbols(["7 apples"]) == ["N1 apples"]
     mapped = number_symbols([step_i, step_j])
     assert number_symbols(mapped) == mapped
-    assert join_inputs([step_i, step_j], " [SEP] ", numbers="keep") == f"{step_i} [SEP] {step_j}"
+    assert join_inputs([step_i, step_j], " [SEP] ") == f"{step_i} [SEP] {step_j}"
 
 
 def test_inputs_parameter_is_validated_and_becomes_the_spec():

@@ -357,12 +357,12 @@ def _truncate(raw: str) -> str:
     return raw if len(raw) <= MAX_RAW_CHARS else raw[:MAX_RAW_CHARS] + "...[truncated]"
 
 
-class _Damaged(Exception):
-    """A file that cannot be read to its end: why, and how many records it holds if known."""
+@dataclass(frozen=True)
+class _Damage:
+    """Why a file cannot be read to its end, and how many records it holds if known."""
 
-    def __init__(self, reason: str, records: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.records = reason, records
+    reason: str
+    records: int | None = None
 
 
 def _gunzip(data: bytes) -> tuple[bytes, str | None]:
@@ -398,7 +398,7 @@ def _parquet_rows(data: bytes) -> int | None:
         return None
 
 
-def _read_rows(data: bytes, name: str) -> tuple[list[tuple[int, str, Any]], _Damaged | None]:
+def _read_rows(data: bytes, name: str) -> tuple[list[tuple[int, str, Any]], _Damage | None]:
     """(line, raw text, parsed object or _RowError) for every readable record of one file, and
     what made the rest unreadable (None: the whole file was read)."""
     if name.lower().endswith(".parquet"):
@@ -407,7 +407,7 @@ def _read_rows(data: bytes, name: str) -> tuple[list[tuple[int, str, Any]], _Dam
         try:
             table = pq.read_table(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - a damaged Parquet file has no readable part
-            return [], _Damaged(f"unreadable Parquet file: {type(e).__name__}: {e}", _parquet_rows(data))
+            return [], _Damage(f"unreadable Parquet file: {type(e).__name__}: {e}", _parquet_rows(data))
         rows = [(i, _truncate(json.dumps(row, default=str, ensure_ascii=False)), row) for i, row in enumerate(table.to_pylist(), start=1)]
         return rows, None
     damage = None
@@ -416,7 +416,7 @@ def _read_rows(data: bytes, name: str) -> tuple[list[tuple[int, str, Any]], _Dam
         data, why = _gunzip(data)
         if why is not None:
             data = data[: data.rfind(b"\n") + 1]  # the last line was cut by the damage: not a record
-            damage = _Damaged(why)
+            damage = _Damage(why)
     return list(_iter_lines(data)), damage
 
 

@@ -21,14 +21,13 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from mycelium.tracking.runs import TrackingError
+from mycelium.tracking.runs import CREDENTIALS_REFUSED, TrackingError
 
 log = logging.getLogger(__name__)
 
 # MLflow's client retries each request itself; a few quick tries, then our budgeted retry decides.
 MLFLOW_HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
-_AUTH = re.compile(r"\b(401|403)\b|Unauthorized|not authenticated|Forbidden|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied")
 _ARTIFACTS = re.compile(r"mlflow-artifacts|artifact", re.IGNORECASE)
 _SERVER_ERROR = re.compile(r"\b50[0-4]\b|too many 5\d\d error responses")
 
@@ -96,7 +95,7 @@ def diagnose(error: BaseException) -> Diagnosis:
         down = _answers(uri.rstrip("/") + "/health")
         if down is not None:
             return Diagnosis(f"the MLflow tracking server at {uri} is down", f"/health: {down}")
-    if _AUTH.search(text):
+    if CREDENTIALS_REFUSED.search(text):
         return Diagnosis("credentials were refused",
                          "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and the AWS keys",
                          heals=False)
@@ -141,13 +140,17 @@ def is_tracking_failure(error: BaseException) -> bool:
                               BotoCoreError, ClientError))
 
 
+class ResumableFailure(TrackingError):
+    """A tracking failure worded for the user: what is down, where the epochs are kept, how to resume."""
+
+
 def resume_hint(outage: BaseException, command: str, kept: str) -> BaseException:
     """A tracking failure from the tracking thread as one message that ends with how to resume;
-    anything else (a bug) unchanged, with its traceback."""
-    if not is_tracking_failure(outage) or "resume=true" in str(outage):
+    anything else (a bug, or a failure already worded so) unchanged."""
+    if not is_tracking_failure(outage) or isinstance(outage, ResumableFailure):
         return outage
     if not isinstance(outage, TrackingOutage):
         outage = TrackingOutage("tracking", diagnose(outage), 1, 0.0, outage)
-    error = TrackingError(f"{outage}. The trained epochs are kept in {kept}. When it is back, resume with: {command}")
+    error = ResumableFailure(f"{outage}. The trained epochs are kept in {kept}. When it is back, resume with: {command}")
     error.__cause__ = outage
     return error

@@ -43,6 +43,11 @@ class TrackingError(RuntimeError):
     """The tracking server or artifact store is unusable; the message says what to check."""
 
 
+# Words of an error from MLflow or S3 that refused this process's credentials.
+CREDENTIALS_REFUSED = re.compile(
+    r"\b(401|403)\b|Unauthorized|not authenticated|Forbidden|Permission|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied")
+
+
 def looks_secret(name: str) -> bool:
     """True for a parameter name that may hold a credential."""
     key = name.lower()
@@ -75,7 +80,7 @@ def preflight(timeout: float = 10.0) -> str:
         try:
             MlflowClient().search_experiments(max_results=1)
         except MlflowException as e:
-            if "401" in str(e) or "403" in str(e) or "not authenticated" in str(e) or "Permission" in str(e):
+            if CREDENTIALS_REFUSED.search(str(e)):
                 raise TrackingError(
                     f"the MLflow tracking server at {uri} refused this process's credentials. Set MLFLOW_TRACKING_USERNAME and "
                     "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN); for the embedded stack run "

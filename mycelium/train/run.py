@@ -29,7 +29,7 @@ from mycelium.model.classifier import count_trainable, param_groups
 from mycelium.serving.package import ModelTemplate
 from mycelium.tracking import figure_worker
 from mycelium.tracking.lane import Lane
-from mycelium.tracking.outage import bound_mlflow_http_retries, resume_hint
+from mycelium.tracking.outage import ResumableFailure, bound_mlflow_http_retries, resume_hint
 from mycelium.tracking.publish import (
     discard_pending_models,
     epoch_manifest,
@@ -44,7 +44,6 @@ from mycelium.tracking.registry import (
     tag_version,
 )
 from mycelium.tracking.runs import (
-    TrackingError,
     child_runs,
     find_resumable,
     log_batch,
@@ -212,7 +211,7 @@ def _run(cfg: TrainConfig) -> RunResult:
         return _train_in_parent(cfg, prep, resumed, parent_id, launcher, explain)
     except Exception as e:
         # Closing the runs on a server that is down fails too: report the first failure.
-        first = next((c for c in _chain(e) if isinstance(c, TrackingError) and "resume with:" in str(c)), None)
+        first = next((c for c in _chain(e) if isinstance(c, ResumableFailure)), None)
         hinted = first or explain(e)
         if hinted is e:
             raise
