@@ -102,6 +102,12 @@ class TrainConfig:
     bundle_backbone: bool = False  # copy the backbone into every registered version (air-gapped serving)
     run_name: str = ""
     device: str = "auto"
+    # Processes on this machine (data parallelism under torchrun): 1 = one plain process; N; or auto =
+    # one per visible GPU. Started by torchrun or another launcher (RANK/WORLD_SIZE set), the training
+    # joins the world it was given instead.
+    nproc_per_node: str = "1"
+    # Seconds a rank waits in a collective (a rank died, a node is gone) before every rank stops.
+    dist_timeout: float = 1800.0
     spec: TaskSpec | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -195,6 +201,10 @@ class TrainConfig:
         for step in self.fallback_steps():
             if step not in FALLBACK_STEPS:
                 raise bad("fallbacks", f"unknown step {step!r}: use auto, none, or a list of {', '.join(FALLBACK_STEPS)}")
+        if self.nproc_per_node != "auto" and not (self.nproc_per_node.isdigit() and int(self.nproc_per_node) >= 1):
+            raise bad("nproc_per_node", "give a number of processes (1 = no data parallelism) or auto (one per visible GPU)")
+        if self.dist_timeout <= 0:
+            raise bad("dist_timeout", "must be a positive number of seconds")
         if not self.backbone:
             raise bad("backbone", "give a hub id, a local path, or minilm (the packaged offline encoder)")
 

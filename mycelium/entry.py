@@ -7,16 +7,23 @@ load) end the process with exit code 2 and one clear message, never a stack trac
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mycelium.config import ConfigError, config_from_args
+from mycelium.distributed import World, launched_world, nproc, relaunch
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def setup_logging(rank: int = 0) -> None:
+    # Ranks other than 0 of a data-parallel training print only errors (rank 0 reports), no progress bars.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, datefmt="%H:%M:%S",
+                        format=f"%(asctime)s %(levelname)s {f'rank {rank} ' if rank else ''}%(name)s: %(message)s")
+    if rank:
+        os.environ["TQDM_DISABLE"] = "1"
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "mlflow.utils", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -53,14 +60,26 @@ def print_summary(result, cfg, console: Console) -> None:
     console.print(f"registered model: {cfg.registered_model}   run: {result.ui}")
 
 
+def say(console: Console, label: str, message: object) -> None:
+    """One red-labelled line; soft-wrapped so a command in it stays whole, escaped so brackets in it print as written."""
+    console.print(f"[red]{label}:[/red] {escape(str(message))}", soft_wrap=True)
+
+
 def main(task: str | None, argv: list[str] | None = None) -> int:
-    setup_logging()
+    world = launched_world()  # set when torchrun (or a cluster launcher) started this process
+    setup_logging(world.rank if world else 0)
     console = Console(stderr=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = config_from_args(argv, task)
+        n = nproc(cfg.nproc_per_node)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one line: a command in it stays whole
+        say(console, "error", e)
         return 2
+    if world is None and n > 1:
+        return relaunch(n, "mycelium.entry", [*(["--task", task] if task else []), *argv])
+    if world is not None and not world.main:
+        return _follow(cfg, world, console)
     from mycelium.data.loading import DataError
     from mycelium.model.backbone import BackboneLoadError
     from mycelium.stack import StackError, require_tracking, use_running_stack
@@ -73,9 +92,25 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
         require_tracking()
         result = run(cfg)
     except (ConfigError, DataError, BackboneLoadError, TrackingError, StackError, StorageError, FloatingPointError) as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)  # one line: a command in it stays whole
+        say(console, "error", e)
         return 2
     print_summary(result, cfg, console)
+    return 0
+
+
+def _follow(cfg, world: World, console: Console) -> int:
+    """A rank other than 0: no stack, tracking or data of its own (rank 0 has them), no summary."""
+    from mycelium.model.backbone import BackboneLoadError
+    from mycelium.train.run import run
+
+    try:
+        run(cfg)
+    except (BackboneLoadError, FloatingPointError) as e:
+        say(console, f"error (rank {world.rank})", e)
+        return 2
+    except RuntimeError as e:  # a collective failed: rank 0 stopped (it said why), a peer died, or a timeout
+        say(console, f"stopped (rank {world.rank})", (str(e) or type(e).__name__).splitlines()[0])
+        return 1
     return 0
 
 

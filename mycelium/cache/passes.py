@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import torch
 
+from mycelium.distributed import World
 from mycelium.model.blocks import ModesSaved, compute_dtype, model_device, transformer_blocks
 from mycelium.model.classifier import Classifier
 from mycelium.model.suffix import suffix_encode, supports_suffix
@@ -139,19 +140,22 @@ def pooled_from_prefix(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Pooled features ``[N, H]`` from cached prefix states: only the blocks after the prefix run.
+    """Pooled features ``[N, H]`` from cached prefix states: only the blocks after the prefix run
+    (``rows``: only those rows, ``[len(rows), H]`` in their order).
 
     With the prefix of the unfreeze fallback cached, the frozen attempt's features cost the last
     few blocks instead of a full pass, and the fallback reuses the prefix: one backbone pass serves
     both attempts.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    lengths = prefix.lengths.tolist()
-    out = torch.empty((len(lengths), model.hidden_size), dtype=torch.float32)
+    rows = list(range(len(prefix))) if rows is None else list(rows)
+    lengths = prefix.lengths[torch.as_tensor(rows, dtype=torch.long)].tolist()
+    out = torch.empty((len(rows), model.hidden_size), dtype=torch.float32)
 
     def run(batch: list[int]) -> int:
-        hidden, mask = prefix.batch(batch, pad_side, device)
+        hidden, mask = prefix.batch([rows[i] for i in batch], pad_side, device)
         with torch.inference_mode(), _autocast(device, autocast_dtype):
             feats = suffix_encode(model, hidden, mask, prefix.first_trainable).float()
         out[torch.as_tensor(batch)] = feats.cpu()
@@ -347,6 +351,31 @@ def place_states(states: PrefixStates, device: torch.device) -> PrefixStates:
         return states
     return PrefixStates(hidden=states.hidden.to(device), offsets=states.offsets, lengths=states.lengths,
                         first_trainable=states.first_trainable)
+
+
+def shard_pass(world: World, lengths: Sequence[int], compute: Callable[[list[int]], torch.Tensor | PrefixStates]
+               ) -> torch.Tensor | PrefixStates:
+    """A no-grad pass shared out over the ranks: ``compute(rows)`` (pooled features ``[len(rows), H]``
+    or their ``PrefixStates``) on this rank's rows, then every rank gets the result for all rows in
+    input order. Rows are dealt longest first, so each rank gets about ``1/size`` of the tokens."""
+    if world.size == 1:
+        return compute(list(range(len(lengths))))
+    mine = world.share(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    part = compute(mine)
+    at = torch.as_tensor(mine, dtype=torch.long)
+    if isinstance(part, PrefixStates):
+        lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
+        offsets = torch.zeros_like(lengths_t)
+        offsets[1:] = lengths_t.cumsum(0)[:-1]
+        # Where each of this rank's tokens goes in the whole flat tensor: its row's start + position.
+        dest = torch.repeat_interleave(offsets[at], part.lengths) + torch.arange(part.total_tokens) \
+            - torch.repeat_interleave(part.offsets, part.lengths)
+        hidden = torch.zeros((int(lengths_t.sum()), part.hidden_size), dtype=part.hidden.dtype, device=part.hidden.device)
+        hidden[dest.to(hidden.device)] = part.hidden
+        return PrefixStates(world.sum(hidden), offsets, lengths_t, part.first_trainable)
+    full = torch.zeros((len(lengths), part.shape[1]), dtype=part.dtype, device=part.device)
+    full[at.to(part.device)] = part
+    return world.sum(full)
 
 
 def verify_suffix(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mycelium.cache.passes import PrefixStates
+from mycelium.distributed import SOLO, World
 from mycelium.model.blocks import as_dtype
 
 log = logging.getLogger(__name__)
@@ -164,30 +165,36 @@ def cached_compute(
     name: Sequence,
     key_parts: dict,
     compute: Callable[[], torch.Tensor | PrefixStates],
+    world: World = SOLO,
 ) -> torch.Tensor | PrefixStates:
     """Pooled features or prefix states for ``name`` (e.g. ``("pooled", "train")`` or
     ``("prefix", "train", 20)``), from ``cache`` when it holds them, else ``compute()``d and saved.
 
-    The key is ``cache.key(**key_parts, entry=name)``; ``cache=None`` just computes.
+    The key is ``cache.key(**key_parts, entry=name)``; ``cache=None`` just computes. Under data
+    parallelism ``compute`` is collective, so the entry is used only when every rank finds it
+    (nodes have disks of their own), else every rank computes; rank 0 alone writes it.
     """
-    if cache is None:
-        return compute()
-    key = cache.key(**key_parts, entry=list(name))
-    hit = cache.load(key)
-    if hit is not None:
-        tensors, _ = hit
-        if "hidden" in tensors:
-            return PrefixStates.from_tensors(tensors)
-        if "features" in tensors:
-            return tensors["features"]
-        log.warning("feature cache entry %s holds neither features nor prefix states; recomputing", key)
+    value = None
+    if cache is not None:
+        key = cache.key(**key_parts, entry=list(name))
+        hit = cache.load(key)
+        if hit is not None:
+            tensors, _ = hit
+            if "hidden" in tensors:
+                value = PrefixStates.from_tensors(tensors)
+            elif "features" in tensors:
+                value = tensors["features"]
+            else:
+                log.warning("feature cache entry %s holds neither features nor prefix states; recomputing", key)
+    if world.all(value is not None):
+        return value
     value = compute()
-    if isinstance(value, PrefixStates):
-        meta = {"entry": list(name), "kind": "prefix", "rows": len(value), "tokens": value.total_tokens,
-                "dtype": value.hidden.dtype, "first_trainable": value.first_trainable, **key_parts}
-        cache.save(key, value.to_tensors(), meta)
-    else:
-        meta = {"entry": list(name), "kind": "pooled", "rows": int(value.shape[0]), "dtype": value.dtype, **key_parts}
-        cache.save(key, {"features": value}, meta)
+    if cache is not None and world.main:
+        if isinstance(value, PrefixStates):
+            meta = {"entry": list(name), "kind": "prefix", "rows": len(value), "tokens": value.total_tokens,
+                    "dtype": value.hidden.dtype, "first_trainable": value.first_trainable, **key_parts}
+            cache.save(key, value.to_tensors(), meta)
+        else:
+            meta = {"entry": list(name), "kind": "pooled", "rows": int(value.shape[0]), "dtype": value.dtype, **key_parts}
+            cache.save(key, {"features": value}, meta)
     return value
-

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mycelium.cache.passes import for_each_batch
+from mycelium.distributed import SOLO, World
 from mycelium.metrics import EpochReport, evaluate_predictions
 from mycelium.train.threshold import predict as decide_labels
 from mycelium.train.threshold import resolve as resolve_threshold
@@ -40,36 +41,61 @@ class EpochResult:
     argmax: dict[str, float] = field(default_factory=dict)  # argmax metrics beside a threshold's, for the log
 
 
-def train_one_epoch(source: Source, batches: list[list[int]], y: torch.Tensor, loss_fn: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, schedule, autocast: Callable[[], AbstractContextManager],
-                    desc: str = "") -> float:
-    """One pass over ``batches`` of the training split; returns the mean training loss."""
+def train_one_epoch(source: Source, forward: Callable[[str, list[int]], torch.Tensor], batches: list[list[int]], y: torch.Tensor,
+                    loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, schedule,
+                    autocast: Callable[[], AbstractContextManager], world: World = SOLO, desc: str = "") -> float:
+    """One pass over ``batches`` of the training split; returns the mean training loss.
+
+    ``forward(split, rows)`` gives the logits (``source.logits``, or DistributedDataParallel over it).
+    Under data parallelism every rank walks the same global batches and takes its share of the
+    rows; its loss is scaled so that the gradients DDP averages are the global batch's (see
+    ``rank_share``): the optimizer steps as one process would."""
     source.prep.model.train()
     loss_fn.train()
     device = source.prep.device
     total, n = 0.0, 0
     for idx in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not desc):
+        rows, share = rank_share(world, idx, y, loss_fn)
         with autocast():
-            logits = source.logits("train", idx)
-        loss = loss_fn(logits.float(), y[idx].to(device))
+            logits = forward("train", rows)
+        loss = loss_fn(logits.float(), y[rows].to(device)) * share
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
-        total += loss.item() * len(idx)
+        total += loss.item() / world.size * len(idx)  # the ranks' scaled losses add up to size x the batch's loss
         n += len(idx)
-    mean = total / max(n, 1)
+    mean = world.sum(torch.tensor([total], dtype=torch.float64)).item() / max(n, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(f"{desc or 'training'}: training loss is {mean}; lower -P lr_head / lr_backbone")
     return mean
 
 
-def evaluate(source: Source, loss_fn: torch.nn.Module, prep: Prepared) -> tuple[np.ndarray, float]:
-    """Class probabilities for the validation split (original order) and the validation loss."""
+def rank_share(world: World, idx: list[int], y: torch.Tensor, loss_fn: torch.nn.Module) -> tuple[list[int], float]:
+    """This rank's rows of a global batch and the factor on their (weighted-mean) loss that makes
+    DDP's average over ranks equal the whole batch's weighted mean: ``size x`` the rows' share of
+    the batch's total target weight. A rank with no rows runs one row at factor 0 (DDP needs every
+    rank's backward)."""
+    if world.size == 1:
+        return idx, 1.0
+    rows = world.share(idx)
+    if not rows:
+        return idx[:1], 0.0
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None:
+        return rows, world.size * len(rows) / len(idx)
+    w = weight.cpu()
+    return rows, world.size * float(w[y[rows]].sum() / w[y[idx]].sum())
+
+
+def evaluate(source: Source, loss_fn: torch.nn.Module, prep: Prepared, world: World = SOLO) -> tuple[np.ndarray, float]:
+    """Class probabilities for the validation split (original order) and the validation loss.
+    Under data parallelism each rank scores its share of the batches and every rank gets the sum:
+    each row is scored once, on one rank."""
     prep.model.eval()
     loss_fn.eval()  # a logit-adjusted loss scores the plain logits, as served
-    probs = torch.empty(len(prep.val_ids), len(prep.labels))
+    probs = torch.zeros(len(prep.val_ids), len(prep.labels))
 
     def run(idx: list[int]) -> tuple[float, int]:
         with torch.inference_mode(), torch.autocast(prep.device.type, dtype=prep.amp_dtype, enabled=prep.amp_dtype is not None):
@@ -79,9 +105,11 @@ def evaluate(source: Source, loss_fn: torch.nn.Module, prep: Prepared) -> tuple[
         return loss * len(idx), len(idx)
 
     total, n = 0.0, 0
-    for loss_sum, rows in for_each_batch(source.batches("val", None), run, prep.device):
+    for loss_sum, rows in for_each_batch(world.share(source.batches("val", None)), run, prep.device):
         total += loss_sum
         n += rows
+    probs = world.sum(probs)
+    total, n = world.sum(torch.tensor([total, n], dtype=torch.float64)).tolist()
     return probs.numpy(), total / max(n, 1)
 
 

@@ -10,6 +10,7 @@ import torch
 from mycelium.cache.store import FeatureCache, auto_cache_budget_gb
 from mycelium.config import TrainConfig
 from mycelium.data.loading import LoadedData, load_task_data
+from mycelium.distributed import SOLO, World
 from mycelium.data.split import Split, split_records
 from mycelium.model.backbone import BackboneInfo, load_backbone
 from mycelium.model.blocks import transformer_blocks, unfrozen_modules
@@ -18,10 +19,12 @@ from mycelium.text import encode_rows
 from mycelium.train.attempts import UNFREEZE_BLOCKS
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(cfg: TrainConfig, world: World = SOLO) -> torch.device:
+    """``-P device``, or a GPU when there is one; under data parallelism a rank's own GPU (``LOCAL_RANK``)."""
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world.size > 1:
+        return torch.device("cuda", world.local_rank)
+    return device
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype | None]:
@@ -58,6 +61,7 @@ class Prepared:
     token_budget: int  # resolved: padded tokens per training batch
     pass_budget: int  # resolved: padded tokens per batch of the no-grad backbone passes (features, prefix states)
     cache_memory_gb: float  # resolved: the largest prefix cache, GiB
+    world: World = SOLO  # this process among the data-parallel ranks
     cached: dict[tuple, object] = field(default_factory=dict)
 
     def autocast(self):
@@ -65,14 +69,17 @@ class Prepared:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
+    """Data, split, backbone and token ids. Rank 0 alone reads the data (from S3) and sends it to
+    the other ranks; each rank loads the backbone and tokenizes for itself."""
     spec = cfg.spec
-    data = load_task_data(cfg.data, spec, field_map=cfg.field_map or None, label_names=cfg.label_names or None, on_error=cfg.on_error)
+    data = world.broadcast(load_task_data(cfg.data, spec, field_map=cfg.field_map or None, label_names=cfg.label_names or None,
+                                          on_error=cfg.on_error) if world.main else None)
     split = split_records(data.records, data.labels, val_fraction=cfg.val_fraction, seed=cfg.seed)
     labels = list(data.labels)
     index = {name: i for i, name in enumerate(labels)}
 
-    device = resolve_device(cfg)
+    device = resolve_device(cfg, world)
     precision, amp_dtype = resolve_precision(cfg, device)
     # fp32 master weights: transformers 5 would load Qwen2.5 in its config's bf16, where AdamW steps
     # at lr 2e-5 on unfrozen blocks round away; autocast gives bf16/fp16 speed on the GPU.
@@ -101,7 +108,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         cache=FeatureCache() if cfg.cache else None,
         token_budget=cfg.token_budget or (8192 if device.type == "cuda" else 4096),
         pass_budget=cfg.token_budget or (8192 if device.type == "cuda" else 2048),
-        cache_memory_gb=cfg.cache_memory_gb or round(auto_cache_budget_gb(), 1),
+        # Rank 0's: whether the prefix cache fits decides which collective passes run, so ranks agree on it.
+        cache_memory_gb=world.broadcast(cfg.cache_memory_gb or round(auto_cache_budget_gb(), 1)),
+        world=world,
     )
 
 

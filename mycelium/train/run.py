@@ -12,20 +12,19 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-import torch
 from mlflow import MlflowClient
 
+from mycelium import distributed
 from mycelium.config import TrainConfig, state_root
 from mycelium.data.loading import write_rejects_jsonl
 from mycelium.metrics import evaluate_predictions
-from mycelium.model.blocks import apply_freezing, transformer_blocks
-from mycelium.model.classifier import count_trainable, param_groups
+from mycelium.model.blocks import transformer_blocks
+from mycelium.model.classifier import count_trainable
 from mycelium.serving.package import ModelTemplate
 from mycelium.tracking import figure_worker
 from mycelium.tracking.lane import Lane
@@ -57,7 +56,9 @@ from mycelium.tracking.runs import (
     ui_url,
     use_experiment,
 )
+from mycelium.distributed import World
 from mycelium.train import search
+from mycelium.train.collective import announce, follow, probe_source, run_epoch, start_attempt
 from mycelium.train.attempts import (
     Attempt,
     AttemptResult,
@@ -65,18 +66,9 @@ from mycelium.train.attempts import (
     first_name,
     next_attempt,
 )
-from mycelium.train.loop import (
-    EpochResult,
-    early_stop,
-    evaluate,
-    lr_schedule,
-    objective,
-    score_epoch,
-    train_one_epoch,
-)
+from mycelium.train.loop import EpochResult, early_stop, score_epoch
 from mycelium.train.prepare import Prepared, prepare, resolve_device
 from mycelium.train.resume import ResumeState
-from mycelium.train.sources import Source
 from mycelium.train.threshold import predict as decide_labels
 from mycelium.train.tuning import cpu_tuning, head_only_threads
 
@@ -86,77 +78,50 @@ log = logging.getLogger(__name__)
 def train_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, run_id: str, parent_run_id: str,
                   resume: ResumeState | None, lane: Lane) -> AttemptResult:
     """One attempt's epochs. Each epoch's logging and registration goes to ``lane`` (the tracking
-    thread) and overlaps the next epoch; the attempt returns once all of them are registered."""
-    model, device = prep.model, prep.device
-    # Every attempt starts from the pretrained backbone and a fresh head.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in prep.pristine:
-                p.copy_(prep.pristine[name])
-    torch.manual_seed(cfg.seed + attempt.index)
-    model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    apply_freezing(model.backbone, attempt.unfrozen_layers)
+    thread) and overlaps the next epoch; the attempt returns once all of them are registered.
+    Under data parallelism this is rank 0's side; every step the other ranks share is announced."""
     # The parts of the epochs' pyfunc models that do not change, made on the tracking thread.
     template = lane.submit(ModelTemplate, epoch_manifest(prep, cfg, attempt), cfg.bundle_backbone)
+    announce(prep, "attempt", attempt)
     with lane.paused():  # the backbone pass runs alone: a busy second thread slows it on a small CPU
-        source = Source(prep, cfg, attempt)
-
-    loss_fn, weights = objective(prep, cfg, attempt.class_weights, attempt.loss)
-    # fused: one kernel per step for all parameters; torch's CPU default is a Python loop over them.
-    optimizer = torch.optim.AdamW(param_groups(model, attempt.lr_head or cfg.lr_head, cfg.lr_backbone, cfg.weight_decay), fused=True)
-    steps_per_epoch = len(source.batches("train", None))
-    schedule = lr_schedule(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=prep.precision == "fp16")
+        state = start_attempt(prep, cfg, attempt, resume)
+    model, optimizer, scaler = prep.model, state.optimizer, state.scaler
     counts = count_trainable(model)
     mlflow.log_params({"attempt": attempt.name, "unfrozen_layers": attempt.unfrozen_layers, "class_weights": attempt.class_weights,
                        "lr_head": attempt.lr_head or cfg.lr_head,
                        "loss": attempt.loss, "focal_gamma": cfg.focal_gamma if attempt.loss == "focal" else "",
-                       "batches_from": source.mode, "trainable_params": counts["total"], "trainable_backbone_params": counts["backbone"],
-                       **{f"weight_{label}": f"{w:.4f}" for label, w in zip(prep.labels, weights)}})
+                       "batches_from": state.source.mode, "trainable_params": counts["total"], "trainable_backbone_params": counts["backbone"],
+                       **{f"weight_{label}": f"{w:.4f}" for label, w in zip(prep.labels, state.weights)}})
 
-    result = AttemptResult(attempt, run_id, [])
-    start_epoch = 1
-    if resume is not None:
-        start_epoch = resume.restore(model, optimizer, scaler) + 1
-        result.epochs = resume.epoch_results()
-        with warnings.catch_warnings():  # stepping a fresh schedule to where the run stopped, without optimizer steps
-            warnings.simplefilter("ignore")
-            for _ in range((start_epoch - 1) * steps_per_epoch):
-                schedule.step()
-        log.info("resuming attempt %s at epoch %d", attempt.name, start_epoch)
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * attempt.index)
-    for _ in range(1, start_epoch):  # keep the shuffling sequence identical to an uninterrupted run
-        source.batches("train", generator)
-
+    result = AttemptResult(attempt, run_id, resume.epoch_results() if resume is not None else [])
+    start_epoch = state.first_epoch
     run = mlflow.get_run(run_id)  # the tracking thread logs to it by id (MLflow's active run is per thread)
-    with head_only_threads(device, head_only=source.mode == "pooled"):
-        try:
-            for epoch in range(start_epoch, cfg.epochs + 1):
-                if stop_reason := early_stop(result.epochs, cfg.early_stopping, cfg.spec.selection_metric):
-                    log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
-                    mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
-                    break
-                lane.check()  # a failed upload of an earlier epoch stops training here
-                train_loss = train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler,
-                                             schedule, prep.autocast, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
-                probs, val_loss = evaluate(source, loss_fn, prep)
-                ep = score_epoch(epoch, probs, prep, cfg)
-                ep.train_loss, ep.val_loss = train_loss, val_loss
-                result.epochs.append(ep)
-                # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
-                ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
-                pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
-                lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
-                            may_exist=resume is not None and epoch == start_epoch)
-        except BaseException:
-            lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
-            raise
-        else:
-            lane.drain()
-        finally:
-            # Every job of this attempt has run (or will never run) by now: the template is done with.
-            if template.done() and template.exception() is None:
-                template.result().close()
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stop_reason := early_stop(result.epochs, cfg.early_stopping, cfg.spec.selection_metric):
+                log.info("attempt %s stops before epoch %d: %s", attempt.name, epoch, stop_reason)
+                mlflow.set_tags({"stopped_early": "true", "stop_reason": stop_reason})
+                break
+            lane.check()  # a failed upload of an earlier epoch stops training here
+            announce(prep, "epoch", epoch)
+            train_loss, probs, val_loss = run_epoch(state, prep, desc=f"{attempt.name} epoch {epoch}/{cfg.epochs}")
+            ep = score_epoch(epoch, probs, prep, cfg)
+            ep.train_loss, ep.val_loss = train_loss, val_loss
+            result.epochs.append(ep)
+            # Snapshot here (weights, optimizer, RNG as of this epoch); publish in the background.
+            ckpt = save_epoch_checkpoint(prep, cfg, attempt, ep, run_id)
+            pending = ResumeState.save(parent_run_id, attempt, epoch, model, optimizer, scaler, result.epochs)
+            lane.submit(publish_epoch, prep, cfg, attempt, ep, run, parent_run_id, ckpt, template, pending, list(result.epochs),
+                        may_exist=resume is not None and epoch == start_epoch)
+    except BaseException:
+        lane.drain(raise_errors=False)  # publish the epochs trained so far; the training error is the one to report
+        raise
+    else:
+        lane.drain()
+    finally:
+        # Every job of this attempt has run (or will never run) by now: the template is done with.
+        if template.done() and template.exception() is None:
+            template.result().close()
     return result
 
 
@@ -170,21 +135,28 @@ class RunResult:
     ui: str
 
 
-def run(cfg: TrainConfig) -> RunResult:
-    """Train a task end to end (see the module docstring); the result names the parent run."""
-    bound_mlflow_http_retries()
+def run(cfg: TrainConfig) -> RunResult | None:
+    """Train a task end to end (see the module docstring); the result names the parent run. Under
+    torchrun every rank calls it: rank 0 trains and tracks and returns the result, the other ranks
+    follow it (``collective.follow``) and return None."""
+    cfg.validate()
+    world = distributed.start(resolve_device(cfg).type, cfg.dist_timeout)
     try:
-        with cpu_tuning(resolve_device(cfg)):
-            return _run(cfg)
+        with cpu_tuning(resolve_device(cfg, world)):
+            if not world.main:
+                follow(prepare(cfg, world), cfg)
+                return None
+            bound_mlflow_http_retries()
+            return _run(cfg, world)
     finally:
         figure_worker.shutdown()
+        distributed.stop(world)
 
 
-def _run(cfg: TrainConfig) -> RunResult:
-    cfg.validate()
+def _run(cfg: TrainConfig, world: World) -> RunResult:
     figure_worker.start()  # its matplotlib import overlaps data loading
     preflight()
-    prep = prepare(cfg)
+    prep = prepare(cfg, world)
     use_experiment(cfg.experiment)
     ensure_registered_model(cfg.registered_model, cfg.spec.description)
 
@@ -267,6 +239,7 @@ def _train_in_parent(cfg: TrainConfig, prep: Prepared, resumed, parent_id: str |
             attempt = None
             while steps and attempt is None:
                 attempt = next_attempt(steps.pop(0), results, cfg, n_blocks)
+        announce(prep, "done")  # the other ranks' part ends here; the champion is rank 0's alone
 
         lane.submit(_log_attempts_figure, prep, cfg, results, pid)  # drawn and uploaded while the champion is decided
         winner = best_of_attempts(results, metric)
@@ -292,9 +265,9 @@ def _search_first_attempt(prep: Prepared, cfg: TrainConfig, lane: Lane) -> Attem
     """The head recipe search (``-P search=grid``) as a ``0-search`` child run; its winner is attempt 1."""
     metric = cfg.spec.selection_metric
     probe = Attempt(1, "search", 0, cfg.class_weights, cfg.loss, "")
-    apply_freezing(prep.model.backbone, 0)
+    announce(prep, "probe", probe)
     with lane.paused():
-        source = Source(prep, cfg, probe)  # the cached features the first attempt then reuses
+        source = probe_source(prep, cfg, probe)  # the cached features the first attempt then reuses
     with head_only_threads(prep.device, head_only=True):
         trials = search.search_heads(prep, cfg, source, metric)
     win = search.best(trials)
@@ -364,7 +337,7 @@ def _log_parent_start(prep: Prepared, cfg: TrainConfig, run_id: str) -> None:
     run, by run id: it runs on the tracking thread (after the first backbone pass)."""
     client = MlflowClient()
     params = cfg.params()
-    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "token_budget_resolved": prep.token_budget,
+    params.update({"precision_resolved": prep.precision, "device_resolved": str(prep.device), "world_size_resolved": prep.world.size, "token_budget_resolved": prep.token_budget,
                    "pass_token_budget_resolved": prep.pass_budget,
                    "cache_memory_gb_resolved": prep.cache_memory_gb,
                    "backbone_revision": prep.info.revision,

@@ -74,7 +74,8 @@ def search_heads(prep: Prepared, cfg: TrainConfig, source: Source, metric: str) 
         for epoch in range(1, cfg.epochs + 1):
             if early_stop(epochs, cfg.early_stopping, metric):
                 break
-            train_one_epoch(source, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler, schedule,
+            # On rank 0 alone (a world of one): a head on cached features is too small to share out.
+            train_one_epoch(source, source.logits, source.batches("train", generator), prep.y_train, loss_fn, optimizer, scaler, schedule,
                             prep.autocast)
             probs, _ = evaluate(source, loss_fn, prep)
             epochs.append(score_epoch(epoch, probs, prep, cfg))

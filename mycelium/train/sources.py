@@ -13,6 +13,7 @@ from mycelium.cache.passes import (
     compute_prefix,
     place_states,
     pooled_from_prefix,
+    shard_pass,
 )
 from mycelium.cache.store import cached_compute, fits, prefix_bytes
 from mycelium.config import TrainConfig
@@ -49,20 +50,25 @@ class Source:
             prefix_ok = supports_suffix(model) and fits(prefix_bytes(total, model.hidden_size, store), prep.cache_memory_gb)
             fallback_k = n_blocks - min(UNFREEZE_BLOCKS, n_blocks)
 
+            world = prep.world
+
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
-                return self._cached(("prefix", split, k), key_parts, lambda: compute_prefix(
-                    model, ids, k, pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
-                    autocast_dtype=prep.amp_dtype, store_dtype=store))
+                return self._cached(("prefix", split, k), key_parts, lambda: shard_pass(world, [len(s) for s in ids], lambda rows: compute_prefix(
+                    model, [ids[i] for i in rows], k, pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
+                    autocast_dtype=prep.amp_dtype, store_dtype=store)))
 
             def pooled(split: str):
+                ids = prep.train_ids if split == "train" else prep.val_ids
                 # When the ladder may unfreeze, go through the fallback's prefix so one pass serves both.
                 if prefix_ok and "unfreeze" in cfg.fallback_steps():
-                    return pooled_from_prefix(model, prefix(split, fallback_k), pad_side=side, token_budget=prep.pass_budget,
-                                                       device=prep.device, autocast_dtype=prep.amp_dtype)
-                ids = prep.train_ids if split == "train" else prep.val_ids
-                return compute_pooled(model, ids, pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
-                                               device=prep.device, autocast_dtype=prep.amp_dtype)
+                    states = prefix(split, fallback_k)
+                    return shard_pass(world, [len(s) for s in ids], lambda rows: pooled_from_prefix(
+                        model, states, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
+                        autocast_dtype=prep.amp_dtype, rows=rows))
+                return shard_pass(world, [len(s) for s in ids], lambda rows: compute_pooled(
+                    model, [ids[i] for i in rows], pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
+                    device=prep.device, autocast_dtype=prep.amp_dtype))
 
             if attempt.unfrozen_layers == 0:
                 self.mode = "pooled"
@@ -80,7 +86,7 @@ class Source:
     def _cached(self, name: tuple, key_parts: dict, compute):
         if name in self.prep.cached:
             return self.prep.cached[name]
-        value = cached_compute(self.prep.cache, name, key_parts, compute)
+        value = cached_compute(self.prep.cache, name, key_parts, compute, self.prep.world)
         if isinstance(value, PrefixStates):  # computed or read from disk: on the GPU if it fits there
             value = place_states(value, self.prep.device)
         self.prep.cached[name] = value
