@@ -112,11 +112,15 @@ def stop(world: World) -> None:
         dist.destroy_process_group()
 
 
-def nproc(value: str) -> int:
-    """``nproc_per_node``: a number, or ``auto`` = every visible GPU (one process on a CPU)."""
-    if value == "auto":
-        return max(torch.cuda.device_count(), 1)
-    return int(value)
+def nproc(value: str, device: str = "auto") -> int:
+    """``nproc_per_node``: a number, or ``auto`` = every visible GPU (one process on a CPU). On GPUs
+    each process takes one, so a number above the GPUs visible is refused (ValueError)."""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    n = max(gpus, 1) if value == "auto" else int(value)
+    if gpus and n > gpus:
+        raise ValueError(f"parameter nproc_per_node={value}: this machine shows {gpus} GPU(s) and each process needs one "
+                         f"(use -P nproc_per_node=auto, or -P device=cpu for gloo processes on the CPU)")
+    return n
 
 
 def relaunch(n: int, module: str, argv: list[str]) -> int:

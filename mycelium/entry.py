@@ -72,8 +72,8 @@ def main(task: str | None, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = config_from_args(argv, task)
-        n = nproc(cfg.nproc_per_node)
-    except ConfigError as e:
+        n = nproc(cfg.nproc_per_node, cfg.device)
+    except (ConfigError, ValueError) as e:
         say(console, "error", e)
         return 2
     if world is None and n > 1:
