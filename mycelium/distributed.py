@@ -26,7 +26,6 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,11 @@ SOLO = World()
 
 
 def launched_world() -> World | None:
-    """The world a torchrun-style launcher started this process in, or None (not launched)."""
-    if not all(v in os.environ for v in LAUNCH_VARS):
+    """The world a torchrun-style launcher started this process in, or None (not launched).
+    ``LOCAL_RANK`` may be missing where each node runs one process (e.g. a PyTorchJob without torchrun)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def start(device_kind: str, timeout_seconds: float) -> World:
