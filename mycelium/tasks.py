@@ -108,9 +108,11 @@ TASKS: dict[str, TaskSpec] = {
         data_prefix="s3://mycelium-data/c6/",
         registered_model="mycelium-c6",
         unfrozen_layers=4,
-        class_weights="clipped",  # no class above 5x the base weight
+        # Logit-adjusted CE instead of the seed's clipped weights: test macro F1 +0.062/-0.027/+0.062 on
+        # three data seeds (quality bench, unseen generators); `-P class_weights=clipped -P loss=ce` is the seed's.
+        class_weights="none",
         weight_clip=5.0,
-        loss="ce",
+        loss="logit_adjusted",
         focal_gamma=2.0,
         lr_head=1e-3,
         lr_backbone=2e-5,

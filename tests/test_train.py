@@ -159,7 +159,7 @@ def test_forced_c6_ladder_creates_child_runs_in_order(stack, corpus, tmp_path, m
     )
     result = run(cfg)
     names = [f"{r.attempt.index}-{r.attempt.name}" for r in result.attempts]
-    assert names == ["1-unfreeze4-clipped-ce", "2-sqrt_inv", "3-focal2"]
+    assert names == ["1-unfreeze4-none-logit_adjusted", "2-sqrt_inv", "3-focal2"]
     client = MlflowClient()
     children = child_runs(result.parent_run_id, client.get_run(result.parent_run_id).info.experiment_id)
     assert [c.info.run_name for c in children] == names
@@ -169,7 +169,7 @@ def test_forced_c6_ladder_creates_child_runs_in_order(stack, corpus, tmp_path, m
     scores = {f"{r.attempt.index}-{r.attempt.name}": (r.best("macro_f1").report.metrics["macro_f1"] if r.best("macro_f1") else -1)
               for r in result.attempts}
     assert parent.data.tags["winner_attempt"] == max(scores, key=scores.get)
-    assert parent.info.run_name.startswith("c6 · unfreeze4-clipped-ce → sqrt_inv → focal2 · ")
+    assert parent.info.run_name.startswith("c6 · unfreeze4-none-logit_adjusted → sqrt_inv → focal2 · ")
     assert len(_versions(model)) == 3
     # Every child logs the same metric names, so the UI compares them side by side.
     keys = [set(k for k in c.data.metrics) for c in children]

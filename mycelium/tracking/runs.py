@@ -185,7 +185,7 @@ def use_experiment(name: str) -> str:
 
 
 def training_name(task: str, attempts: list[str], started_ms: int) -> str:
-    """What a parent run is: ``c6 · unfreeze4-clipped-ce → sqrt_inv · 12-01 21:04`` (local time)."""
+    """What a parent run is: ``c6 · unfreeze4-none-logit_adjusted → sqrt_inv · 12-01 21:04`` (local time)."""
     stamp = time.strftime("%m-%d %H:%M", time.localtime(started_ms / 1000))
     return f"{task} · {' → '.join(attempts)} · {stamp}"
 
