@@ -1,10 +1,10 @@
 """Data parallelism on torchrun: which process this is, how it is launched, and the few
 collectives the training needs.
 
-Under ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``) every
-rank runs the same training. Rank 0 alone reads the data, talks to MLflow and S3 and makes every
-decision (attempts, early stopping, the champion); the other ranks follow its announcements
-(``mycelium.train.follow``). One process is a world of one, where every collective below returns
+Under ``torchrun`` (or any launcher that sets ``RANK`` and ``WORLD_SIZE``) every rank runs the
+same training. Rank 0 alone reads the data, talks to MLflow and S3 and makes every decision
+(attempts, early stopping, the champion); the other ranks follow its announcements
+(``mycelium.train.collective.follow``). One process is a world of one, where every collective below returns
 at once: the training code has a single path.
 """
 
@@ -49,9 +49,7 @@ class World:
         """``tensor`` summed over the ranks (every rank gets the sum); the input when alone."""
         if self.size == 1:
             return tensor
-        # NCCL reduces GPU tensors only; gloo takes them where they are.
-        on = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else tensor.device
-        out = tensor.to(on).contiguous()
+        out = tensor.to(self._comm_device() or tensor.device).contiguous()
         dist.all_reduce(out)
         return out.to(tensor.device)
 
@@ -64,8 +62,13 @@ class World:
         if self.size == 1:
             return value
         box = [value if self.main else None]
-        dist.broadcast_object_list(box, src=0, device=torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else None)
+        dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
+
+    def _comm_device(self) -> torch.device | None:
+        """Where collectives need their tensors: this rank's GPU under NCCL (it reduces GPU tensors
+        only); None under gloo, which takes them where they are."""
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else None
 
 
 SOLO = World()

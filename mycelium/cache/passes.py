@@ -284,9 +284,7 @@ def compute_prefix(
     device = torch.device(device) if device is not None else model_device(model)
     store_dtype = store_dtype or compute_dtype(model)
     lengths_t = torch.as_tensor(lengths, dtype=torch.long)
-    offsets_t = torch.zeros_like(lengths_t)
-    if len(lengths) > 1:
-        offsets_t[1:] = lengths_t.cumsum(0)[:-1]
+    offsets_t = _offsets(lengths_t)
     total = int(lengths_t.sum())
     flat = torch.empty((total, model.hidden_size), dtype=store_dtype, device=store_device)
 
@@ -335,6 +333,14 @@ def compute_prefix(
     return PrefixStates(hidden=flat, offsets=offsets_t, lengths=lengths_t, first_trainable=first_trainable)
 
 
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """Where each row starts in a flat ``[total_tokens, H]`` tensor of rows laid end to end."""
+    offsets = torch.zeros_like(lengths)
+    if len(lengths) > 1:
+        offsets[1:] = lengths.cumsum(0)[:-1]
+    return offsets
+
+
 def place_states(states: PrefixStates, device: torch.device) -> PrefixStates:
     """Prefix states on ``device`` when it is a GPU with room for them (at most half its free
     memory), else where they are (host RAM).
@@ -365,8 +371,7 @@ def shard_pass(world: World, lengths: Sequence[int], compute: Callable[[list[int
     at = torch.as_tensor(mine, dtype=torch.long)
     if isinstance(part, PrefixStates):
         lengths_t = torch.as_tensor(list(lengths), dtype=torch.long)
-        offsets = torch.zeros_like(lengths_t)
-        offsets[1:] = lengths_t.cumsum(0)[:-1]
+        offsets = _offsets(lengths_t)
         # Where each of this rank's tokens goes in the whole flat tensor: its row's start + position.
         dest = torch.repeat_interleave(offsets[at], part.lengths) + torch.arange(part.total_tokens) \
             - torch.repeat_interleave(part.offsets, part.lengths)

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 class AttemptState:
     """An attempt's model inputs, objective and optimizer, and the epoch it goes on from."""
 
-    attempt: Attempt
     source: Source
     forward: Callable[[str, list[int]], torch.Tensor]  # source.logits, or DDP over it
     loss_fn: nn.Module
@@ -106,7 +105,7 @@ def start_attempt(prep: Prepared, cfg: TrainConfig, attempt: Attempt, resume: Re
     if world.size > 1:
         forward = DistributedDataParallel(_Logits(source), device_ids=[device] if device.type == "cuda" else None,
                                           forward_sync_buffers=False)  # no batch-norm style buffers to keep in step
-    return AttemptState(attempt, source, forward, loss_fn, weights, optimizer, schedule, scaler, generator, done + 1)
+    return AttemptState(source, forward, loss_fn, weights, optimizer, schedule, scaler, generator, done + 1)
 
 
 def run_epoch(state: AttemptState, prep: Prepared, desc: str = "") -> tuple[float, np.ndarray, float]:

@@ -53,9 +53,11 @@ def train_one_epoch(source: Source, forward: Callable[[str, list[int]], torch.Te
     source.prep.model.train()
     loss_fn.train()
     device = source.prep.device
+    weight = getattr(loss_fn, "weight", None)
+    weight = None if weight is None else weight.cpu()  # once: the ranks' shares are counted on the host
     total, n = 0.0, 0
     for idx in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not desc):
-        rows, share = rank_share(world, idx, y, loss_fn)
+        rows, share = rank_share(world, idx, y, weight)
         with autocast():
             logits = forward("train", rows)
         loss = loss_fn(logits.float(), y[rows].to(device)) * share
@@ -72,10 +74,10 @@ def train_one_epoch(source: Source, forward: Callable[[str, list[int]], torch.Te
     return mean
 
 
-def rank_share(world: World, idx: list[int], y: torch.Tensor, loss_fn: torch.nn.Module) -> tuple[list[int], float]:
+def rank_share(world: World, idx: list[int], y: torch.Tensor, weight: torch.Tensor | None) -> tuple[list[int], float]:
     """This rank's rows of a global batch and the factor on their (weighted-mean) loss that makes
     DDP's average over ranks equal the whole batch's weighted mean: ``size x`` the rows' share of
-    the batch's total target weight. A rank with no rows runs one row at factor 0 (DDP needs every
+    the batch's total target weight (``weight``: the loss's class weights on the CPU, or None). A rank with no rows runs one row at factor 0 (DDP needs every
     rank's backward). Why not torch's DistributedSampler: it splits the rows before batching, so the
     length-bucketed batches (and the optimizer steps) would differ from one process's."""
     if world.size == 1:
@@ -83,11 +85,9 @@ def rank_share(world: World, idx: list[int], y: torch.Tensor, loss_fn: torch.nn.
     rows = world.share(idx)
     if not rows:
         return idx[:1], 0.0
-    weight = getattr(loss_fn, "weight", None)
     if weight is None:
         return rows, world.size * len(rows) / len(idx)
-    w = weight.cpu()
-    return rows, world.size * float(w[y[rows]].sum() / w[y[idx]].sum())
+    return rows, world.size * float(weight[y[rows]].sum() / weight[y[idx]].sum())
 
 
 def evaluate(source: Source, loss_fn: torch.nn.Module, prep: Prepared, world: World = SOLO) -> tuple[np.ndarray, float]:

@@ -140,9 +140,10 @@ def run(cfg: TrainConfig) -> RunResult | None:
     torchrun every rank calls it: rank 0 trains and tracks and returns the result, the other ranks
     follow it (``collective.follow``) and return None."""
     cfg.validate()
-    world = distributed.start(resolve_device(cfg).type, cfg.dist_timeout)
+    device = resolve_device(cfg)
+    world = distributed.start(device.type, cfg.dist_timeout)
     try:
-        with cpu_tuning(resolve_device(cfg, world)):
+        with cpu_tuning(device):  # decided by the device type alone
             if not world.main:
                 follow(prepare(cfg, world), cfg)
                 return None
