@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,6 +17,9 @@ from rich.table import Table
 
 from mycelium.config import ConfigError, config_from_args
 from mycelium.distributed import World, launched_world, nproc, relaunch
+
+
+FOLLOWER_GRACE_SECONDS = 10  # torchrun polls its ranks every 0.1 s; rank 0's exit takes well under this
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -110,6 +114,9 @@ def _follow(cfg, world: World, console: Console) -> int:
         return 2
     except RuntimeError as e:  # a collective failed: rank 0 stopped (it said why), a peer died, or a timeout
         say(console, f"stopped (rank {world.rank})", (str(e) or type(e).__name__).splitlines()[0])
+        # The rank that failed first gives the launcher its exit status: wait for the launcher to end
+        # this one once it sees that rank's, rather than exit first and have ours reported.
+        time.sleep(FOLLOWER_GRACE_SECONDS)
         return 1
     return 0
 

@@ -144,14 +144,18 @@ def run(cfg: TrainConfig) -> RunResult | None:
     world = distributed.start(device.type, cfg.dist_timeout)
     try:
         with cpu_tuning(device):  # decided by the device type alone
-            if not world.main:
+            if world.main:
+                bound_mlflow_http_retries()
+                result = _run(cfg, world)
+            else:
                 follow(prepare(cfg, world), cfg)
-                return None
-            bound_mlflow_http_retries()
-            return _run(cfg, world)
+                result = None
     finally:
         figure_worker.shutdown()
-        distributed.stop(world)
+    # Only after success: on a failure the process group closes with the process, once rank 0 has
+    # said why. Closed earlier, the other ranks fail first and the launcher reports their status.
+    distributed.stop(world)
+    return result
 
 
 def _run(cfg: TrainConfig, world: World) -> RunResult:
