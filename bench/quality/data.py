@@ -345,7 +345,7 @@ def c4_records(instances: Sequence[GsmInstance], split: dict[str, str]) -> list[
     """One record per annotated step (``c4_transitions``): previous step -> this step."""
     return [
         {"id": f"{inst.problem_id}:c4:{r['j']}", "problem_id": inst.problem_id, "problem": inst.question,
-         "step_i": r["step_i"], "step_j": r["step_j"], "label": r["label"],
+         "step_i": r["step_i"], "earlier_steps": r["earlier_steps"], "step_j": r["step_j"], "label": r["label"],
          "split": split[inst.group], "template": inst.group}  # fmt: skip
         for inst in instances
         for r in c4_transitions(inst.question, inst.solution)

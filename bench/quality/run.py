@@ -89,6 +89,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 # The ablation: the seed's first attempt (no fallback ladder, so a row is one frozen or partly
 # frozen attempt) plus one feature at a time (--ablation adds these rows).
 CONTEXT_INPUTS = {"c4": "problem,step_i,step_j", "c5": "problem,step_i,step_j", "c6": "problem"}
+# Every field the task's labelling rule looks at (structural.py): C4 counts numbers of the problem
+# text and of all earlier results as known.
+RULE_INPUTS = {"c4": "problem,earlier_steps,step_j", "c5": "problem,step_i,step_j", "c6": "problem"}
 ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "seed-1": ("the seed's first attempt alone (no fallback ladder): the ablation's baseline", {t: [] for t in SEED_TABLE}),
     "+inputs": ("seed-1 + problem text as context (cut first when too long)", {t: ["--inputs", CONTEXT_INPUTS[t]] for t in SEED_TABLE}),
@@ -105,6 +108,12 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
                  {t: ["--numbers", "symbols"] for t in SEED_TABLE}),
     "+search": ("seed-1 + tuned threshold + head recipe search (24 recipes, chosen on validation)",
                 {t: ["--threshold", "auto", "--search", "grid"] for t in SEED_TABLE}),
+    "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
+                 "mapped to symbols, 256 tokens", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols",
+                                                       "--max-length", "256"] for t in SEED_TABLE}),
+    "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
+                          {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256",
+                               "--unfrozen-layers", "4"] for t in SEED_TABLE}),
 }
 RECIPES.update({name: Recipe(name, title, {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--fallbacks", "none"], extra[t])
                                            for t in SEED_TABLE})

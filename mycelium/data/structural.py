@@ -491,7 +491,8 @@ def _plain_line_numbers(answer: str) -> list[frozenset[Fraction]]:
 
 def c4_transitions(problem: str, steps: str | Sequence[Step], *, always_known: Iterable = ()) -> list[dict]:
     """One record per step j: ``step_i`` is the previous step's text (``""`` before the first),
-    ``label`` is BRIDGING when step j uses an implicit constant (see ``implicit_operands``)."""
+    ``earlier_steps`` every step before j (the results the rule counts as known), ``label`` is
+    BRIDGING when step j uses an implicit constant (see ``implicit_operands``)."""
     parsed = _as_steps(steps)
     missing = implicit_operands(problem, steps, always_known=always_known)
     return [
@@ -499,6 +500,7 @@ def c4_transitions(problem: str, steps: str | Sequence[Step], *, always_known: I
             "i": j - 1 if j else None,  # no earlier step before the first one
             "j": j,
             "step_i": parsed[j - 1].text if j else "",
+            "earlier_steps": " ".join(s.text for s in parsed[:j]),
             "step_j": step.text,
             "label": BRIDGING if missing[j] else NOT_BRIDGING,
         }
