@@ -22,7 +22,7 @@ DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
-INPUT_FIELDS = ("problem", "step_i", "step_j")  # the record fields a model can read (data contract)
+INPUT_FIELDS = ("problem", "earlier_steps", "step_i", "step_j")  # the record fields a model can read (data contract)
 POOLINGS = ("auto", "last", "mean")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 

@@ -64,7 +64,8 @@ def convert_gsm8k(src: str, dest_prefix: str, *, per_file: int = 583) -> dict:
     """Read GSM8K-format JSONL at ``src`` (local path or URI) and write
     ``{dest_prefix}/c4/part-NNNNN.jsonl`` and ``{dest_prefix}/c5/part-NNNNN.jsonl``.
 
-    Records: ``id``, ``problem_id``, ``problem``, ``step_i``, ``step_j``, ``label``.
+    Records: ``id``, ``problem_id``, ``problem``, ``step_i``, ``step_j``, ``label``; C4's also
+    ``earlier_steps`` (every step before ``step_j``).
     Returns ``{"problems": n, "c4": {"files", "records", "labels"}, "c5": {...}}``.
     A malformed line raises ValueError naming the file and line; nothing is skipped silently.
     """
@@ -92,8 +93,8 @@ def convert_gsm8k(src: str, dest_prefix: str, *, per_file: int = 583) -> dict:
         prefix = f"{name}:{lineno}"
         c4_groups.append(
             [
-                {"id": f"{prefix}:c4:{r['j']}", "problem_id": pid, "problem": question,
-                 "step_i": r["step_i"], "step_j": r["step_j"], "label": r["label"]}  # fmt: skip
+                {"id": f"{prefix}:c4:{r['j']}", "problem_id": pid, "problem": question, "step_i": r["step_i"],
+                 "earlier_steps": r["earlier_steps"], "step_j": r["step_j"], "label": r["label"]}  # fmt: skip
                 for r in c4_transitions(question, steps)
             ]
         )
