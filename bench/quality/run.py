@@ -111,6 +111,11 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
                  "mapped to symbols, 256 tokens", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols",
                                                        "--max-length", "256"] for t in SEED_TABLE}),
+    "+context,known": ("+context with the number mapping that keeps numbers step_j introduces as written "
+                       "(numbers=known)", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "known", "--max-length", "256"]
+                                           for t in SEED_TABLE}),
+    "+known": ("seed-1 with numbers=known: numbers of earlier fields mapped to symbols, the ones the last field "
+               "introduces as written", {t: ["--numbers", "known"] for t in SEED_TABLE}),
     "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
                           {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256",
                                "--unfrozen-layers", "4"] for t in SEED_TABLE}),
