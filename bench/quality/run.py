@@ -111,7 +111,7 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
                  "mapped to symbols, 256 tokens", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols",
                                                        "--max-length", "256"] for t in SEED_TABLE}),
-    "+context,known": ("+context with the number mapping that keeps numbers step_j introduces as written "
+    "+context+known": ("+context with the number mapping that keeps numbers step_j introduces as written "
                        "(numbers=known)", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "known", "--max-length", "256"]
                                            for t in SEED_TABLE}),
     "+known": ("seed-1 with numbers=known: numbers of earlier fields mapped to symbols, the ones the last field "
