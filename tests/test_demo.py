@@ -34,7 +34,8 @@ def test_layout_fields_and_stats(corpus):
         files = read_task(root, task)
         assert list(files) == [f"part-{k:05d}.jsonl" for k in range(FILES)]
         records = [r for recs in files.values() for r in recs]
-        expected = {"id", "problem_id", "problem", "label"} | ({"step_i", "step_j"} if task != "c6" else set())
+        steps = {"c4": {"step_i", "earlier_steps", "step_j"}, "c5": {"step_i", "step_j"}}.get(task, set())
+        expected = {"id", "problem_id", "problem", "label"} | steps
         assert all(set(r) == expected for r in records), task  # no "split", no generator flags
         assert all(isinstance(r[f], str) for r in records for f in expected)
         assert len({r["id"] for r in records}) == len(records)

@@ -302,11 +302,13 @@ def test_convert_gsm8k(tmp_path):
     assert stats["c5"]["records"] == 6 and stats["c5"]["labels"] == {"DEPENDS": 6}
     records = [json.loads(x) for p in sorted((out / "c4").glob("part-*.jsonl")) for x in p.read_text().splitlines()]
     assert len(records) == 12
-    assert set(records[0]) == {"id", "problem_id", "problem", "step_i", "step_j", "label"}
+    assert set(records[0]) == {"id", "problem_id", "problem", "step_i", "earlier_steps", "step_j", "label"}
     assert len({r["id"] for r in records}) == 12  # unique even though questions repeat
     # The same question always gets the same problem_id (so it cannot straddle a split).
     assert len({r["problem_id"] for r in records}) == 2
     assert records[0]["step_i"] == "" and records[1]["step_i"] == "Natalia sold 48/2 = 24 clips in May."
+    weng = [r for r in records if r["problem"] == weng_q][:2]
+    assert [r["earlier_steps"] for r in weng] == ["", "Weng earns 12/60 = $0.2 per minute."]
 
 
 @pytest.mark.parametrize(
@@ -349,3 +351,15 @@ def test_numbers_written_on_plain_solution_lines_are_not_implicit():
     assert labels(c4_transitions(q, S.parse_solution(a))) == [BRIDGING]
     # "half" states both parts of 1/2.
     assert labels(c4_transitions("Half of 36 students left.", "36*1/2 = <<36*1/2=18>>18\n#### 18")) == [NOT_BRIDGING]
+
+
+def test_c4_earlier_steps_hold_every_step_before_j():
+    problem = "A box holds 3 rows of 4 eggs. How many eggs are in 5 boxes, in dozens?"
+    answer = ("One box: 3*4 = <<3*4=12>>12 eggs.\nFive boxes: 12*5 = <<12*5=60>>60 eggs.\n"
+              "In dozens: 60/12 = <<60/12=5>>5.\n#### 5")
+    rows = c4_transitions(problem, answer)
+    assert [r["earlier_steps"] for r in rows] == [
+        "", "One box: 3*4 = 12 eggs.", "One box: 3*4 = 12 eggs. Five boxes: 12*5 = 60 eggs."]
+    assert [r["step_i"] for r in rows][2] == "Five boxes: 12*5 = 60 eggs."
+    # The 12 of the last step is the first step's result (known), not the implicit 12 of a dozen.
+    assert [r["label"] for r in rows] == ["NOT_BRIDGING", "NOT_BRIDGING", "NOT_BRIDGING"]

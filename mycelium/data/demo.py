@@ -1162,9 +1162,10 @@ def problem_records(task: str, problem: DemoProblem, problem_id: str) -> list[di
     rows = c4_transitions(problem.question, steps) if task == "c4" else c5_pairs(problem.question, steps) if task == "c5" else None
     if rows is None:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    # The rule's text fields as it wrote them (C4 adds earlier_steps); its step indices stay out.
     return [
         {"id": f"{problem_id}-{n}", "problem_id": problem_id, "problem": problem.question,
-         "step_i": row["step_i"], "step_j": row["step_j"], "label": row["label"]}  # fmt: skip
+         **{k: v for k, v in row.items() if k not in ("i", "j")}}  # fmt: skip
         for n, row in enumerate(rows)
     ]
 
