@@ -10,21 +10,19 @@ from fractions import Fraction
 import torch
 
 
-NUMBER_MODES = ("keep", "symbols", "known")
+NUMBER_MODES = ("keep", "symbols")
 # A number as written in text: thousands commas, decimals, leading-dot decimals; not inside a word
 # ("x2", "H2O") or a longer number.
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\w])")
 
 
-def number_symbols(fields: Sequence[str], literal_new: bool = False) -> list[str]:
+def number_symbols(fields: Sequence[str]) -> list[str]:
     """Each number of a record replaced by a symbol (``N1``, ``N2``, ... in order of first
     appearance), the same symbol for the same value in every field of the record.
 
     The number-mapping of math word problem solvers (Wang et al., EMNLP 2017): which step reuses
     which quantity becomes a repeated token the model can match, and the particular values, which
-    say nothing about the label, are gone. ``literal_new``: numbers the last field introduces (no
-    earlier field holds the value) stay as written, as those solvers keep constants (1, 60, 100)
-    literal: the step the label is about shows which quantities it brings in from outside.
+    say nothing about the label, are gone.
     """
     table: dict[Fraction, str] = {}
 
@@ -32,13 +30,7 @@ def number_symbols(fields: Sequence[str], literal_new: bool = False) -> list[str
         value = Fraction(m.group(1).replace(",", ""))
         return table.setdefault(value, f"N{len(table) + 1}")
 
-    def known(m: re.Match) -> str:
-        return table.get(Fraction(m.group(1).replace(",", "")), m.group(1))
-
-    if not literal_new:
-        return [_NUMBER.sub(symbol, f) for f in fields]
-    head = [_NUMBER.sub(symbol, f) for f in fields[:-1]]
-    return head + [_NUMBER.sub(known, f) for f in fields[-1:]]
+    return [_NUMBER.sub(symbol, f) for f in fields]
 
 
 def join_inputs(inputs: Sequence[str], separator: str) -> str:
@@ -73,8 +65,8 @@ def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str],
     steps the label is about stay whole; only rows whose other fields alone are too long are cut
     at the end, as plain truncation would.
     """
-    if numbers != "keep":  # before truncation, so a cut context does not renumber the steps
-        rows = [number_symbols(row, literal_new=numbers == "known") for row in rows]
+    if numbers == "symbols":  # before truncation, so a cut context does not renumber the steps
+        rows = [number_symbols(row) for row in rows]
     texts = [join_inputs(row, separator) for row in rows]
     ids = tokenize(tokenizer, texts, None)
     ctx = [i for i, name in enumerate(fields) if name in context_fields]

@@ -108,21 +108,19 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
                  {t: ["--numbers", "symbols"] for t in SEED_TABLE}),
     "+search": ("seed-1 + tuned threshold + head recipe search (24 recipes, chosen on validation)",
                 {t: ["--threshold", "auto", "--search", "grid"] for t in SEED_TABLE}),
+}
+# Rows run by --recipes only (not --ablation): C4's context exploration (bench/quality/c4-context.md).
+BY_NAME: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
                  "mapped to symbols, 256 tokens", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols",
                                                        "--max-length", "256"] for t in SEED_TABLE}),
-    "+context+known": ("+context with the number mapping that keeps numbers step_j introduces as written "
-                       "(numbers=known)", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "known", "--max-length", "256"]
-                                           for t in SEED_TABLE}),
-    "+known": ("seed-1 with numbers=known: numbers of earlier fields mapped to symbols, the ones the last field "
-               "introduces as written", {t: ["--numbers", "known"] for t in SEED_TABLE}),
     "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
                           {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256",
                                "--unfrozen-layers", "4"] for t in SEED_TABLE}),
 }
 RECIPES.update({name: Recipe(name, title, {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--fallbacks", "none"], extra[t])
                                            for t in SEED_TABLE})
-                for name, (title, extra) in ABLATION.items()})
+                for name, (title, extra) in (ABLATION | BY_NAME).items()})
 MAIN_RECIPES = ("plain", "seed", "default", "peer")
 
 TASKS = ("c4", "c4_2.6pct", "c5", "c6")
@@ -500,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="", help=f"comma list of data folders (default {','.join(TASKS)}; --quick: "
                                                 f"{','.join(QUICK_TASKS)})")
     p.add_argument("--recipes", default=",".join(MAIN_RECIPES),
-                   help=f"comma list, run in this order (default {','.join(MAIN_RECIPES)}; also {', '.join(ABLATION)})")
+                   help=f"comma list, run in this order (default {','.join(MAIN_RECIPES)}; also {', '.join([*ABLATION, *BY_NAME])})")
     p.add_argument("--ablation", action="store_true", help="add the ablation rows (the seed's recipe plus one feature each)")
     p.add_argument("--backbone", default="minilm", help="backbone for every recipe (default minilm, packaged and offline)")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every recipe and the peer (default: each recipe's own)")

@@ -1,0 +1,118 @@
+"""Why C4 is hard on unseen templates: two measurements outside the training code.
+
+``ceiling``  The bridging rule applied to the numbers a reader sees (no model): how well the label
+             can be read off each input composition at all. A step's operands are the numbers
+             written in its text other than its own results; known numbers are those of the
+             composition's context. Needs no backbone; seconds.
+``probe``    Frozen MiniLM features of ``problem [SEP] earlier_steps [SEP] step_j`` and a logistic
+             regression (scikit-learn, balanced weights) on the training templates, scored on the
+             test templates: mean over every token (what ``pooling=mean`` trains on) against mean
+             over step_j's tokens only. A few minutes on 2 cores.
+
+    python bench/quality/c4_analysis.py ceiling --seed 0
+    python bench/quality/c4_analysis.py probe --seed 0 --numbers symbols
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]
+from bench.quality.data import c4_records, group_split, gsm_instances  # noqa: E402
+from mycelium.data.structural import implicit_operands, numbers_in_text, parse_solution  # noqa: E402
+
+COMPOSITIONS = ("step_i,step_j", "problem,step_i,step_j", "problem,earlier_steps,step_j")
+
+
+def _near(x: Fraction, known: set[Fraction]) -> bool:
+    # GSM solutions reuse rounded results (0.0909 for 1/11): match to 1e-3 relative.
+    return any(abs(float(x) - float(k)) <= 1e-3 * max(1.0, abs(float(k))) for k in known)
+
+
+def ceiling(seed: int, instances: int) -> None:
+    counts = {c: [0, 0, 0] for c in COMPOSITIONS}  # tp, fp, fn
+    for inst in gsm_instances(instances, seed)[0]:
+        steps = parse_solution(inst.solution)
+        label = [bool(m) for m in implicit_operands(inst.question, inst.solution)]
+        problem = set(numbers_in_text(inst.question))
+        seen: list[set[Fraction]] = []  # per earlier step: the numbers a reader sees, results included
+        for j, step in enumerate(steps):
+            ops = {x for x in numbers_in_text(step.text) if not _near(x, set(step.values))}
+            before = set().union(*seen) if seen else set()
+            context = {"step_i,step_j": seen[-1] if seen else set(),
+                       "problem,step_i,step_j": problem | (seen[-1] if seen else set()),
+                       "problem,earlier_steps,step_j": problem | before}
+            for comp, known in context.items():
+                pred = any(not _near(x, known) for x in ops)
+                c = counts[comp]
+                c[0] += pred and label[j]
+                c[1] += pred and not label[j]
+                c[2] += label[j] and not pred
+            seen.append(set(numbers_in_text(step.text)) | set(step.values))
+    print(f"visible-number bridging rule, all splits, data seed {seed}, {instances} instances per template:")
+    for comp, (tp, fp, fn) in counts.items():
+        print(f"  {comp:<32} BRIDGING F1 {2 * tp / (2 * tp + fp + fn):.3f}  (tp {tp}, fp {fp}, fn {fn})")
+
+
+def probe(seed: int, instances: int, numbers: str) -> None:
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    from mycelium.model.backbone import load_backbone
+    from mycelium.text import encode_rows
+
+    gsm, _ = gsm_instances(instances, seed)
+    records = c4_records(gsm, group_split((i.group for i in gsm), seed))
+    fields = ("problem", "earlier_steps", "step_j")
+    model, tok, _ = load_backbone("minilm")
+    model.eval()
+    ids = encode_rows(tok, [tuple(r[f] for f in fields) for r in records], fields, " [SEP] ", 256,
+                      context_fields=fields[:2], numbers=numbers)
+    every, last = np.zeros((len(ids), model.config.hidden_size)), np.zeros((len(ids), model.config.hidden_size))
+    order = np.argsort([len(s) for s in ids])
+    with torch.no_grad():
+        for start in range(0, len(ids), 64):
+            rows = order[start : start + 64]
+            width = max(len(ids[r]) for r in rows)
+            x = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for k, r in enumerate(rows):
+                x[k, : len(ids[r])], mask[k, : len(ids[r])] = torch.tensor(ids[r]), 1
+            hidden = model(input_ids=x, attention_mask=mask).last_hidden_state
+            for k, r in enumerate(rows):
+                seps = [p for p, t in enumerate(ids[r]) if t == tok.sep_token_id]
+                every[r] = hidden[k, : len(ids[r])].mean(0).numpy()
+                last[r] = hidden[k, seps[-2] + 1 : seps[-1]].mean(0).numpy()  # step_j: between the last two [SEP]
+    y = np.array([r["label"] == "BRIDGING" for r in records])
+    split = np.array([r["split"] for r in records])
+    print(f"frozen MiniLM-L6, {','.join(fields)}, numbers={numbers}, data seed {seed}; logistic regression, test templates:")
+    for name, feats in (("mean over every token", every), ("mean over step_j's tokens", last)):
+        clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000).fit(feats[split == "train"], y[split == "train"])
+        pred = clf.predict(feats)
+        print(f"  {name:<28} test BRIDGING F1 {f1_score(y[split == 'test'], pred[split == 'test']):.3f}"
+              f"  (val {f1_score(y[split == 'val'], pred[split == 'val']):.3f})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("ceiling", "probe"))
+    p.add_argument("--seed", type=int, default=0, help="data seed (templates per split), as bench/quality/run.py")
+    p.add_argument("--instances", type=int, default=30, help="instances per GSM template and version")
+    p.add_argument("--numbers", default="symbols", choices=("keep", "symbols"), help="probe: number mapping")
+    args = p.parse_args()
+    if args.what == "ceiling":
+        ceiling(args.seed, args.instances)
+    else:
+        probe(args.seed, args.instances, args.numbers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
