@@ -1,13 +1,14 @@
 """Why C4 is hard on unseen templates: two measurements outside the training code.
 
-``ceiling``  The bridging rule applied to the numbers a reader sees (no model): how well the label
-             can be read off each input composition at all. A step's operands are the numbers
-             written in its text other than its own results; known numbers are those of the
-             composition's context. Needs no backbone; seconds.
-``probe``    Frozen MiniLM features of ``problem [SEP] earlier_steps [SEP] step_j`` and a logistic
+``ceiling``  The bridging rule applied by a plain number-matching reader to what each input
+             composition shows (no model): a step's operands are the numbers written in its text
+             other than its own results, known numbers those of the composition's context. A crude
+             reader (word numbers such as "third" count as 1/3), so a gauge of what each
+             composition carries, not a bound. Needs no backbone; seconds.
+``probe``    Frozen MiniLM features of ``--inputs`` (default ``problem,earlier_steps,step_j``) and a logistic
              regression (scikit-learn, balanced weights) on the training templates, scored on the
              test templates: mean over every token (what ``pooling=mean`` trains on) against mean
-             over step_j's tokens only. A few minutes on 2 cores.
+             over the last field's (step_j's) tokens only. A few minutes on 2 cores.
 
     python bench/quality/c4_analysis.py ceiling --seed 0
     python bench/quality/c4_analysis.py probe --seed 0 --numbers symbols
@@ -60,7 +61,7 @@ def ceiling(seed: int, instances: int) -> None:
         print(f"  {comp:<32} BRIDGING F1 {2 * tp / (2 * tp + fp + fn):.3f}  (tp {tp}, fp {fp}, fn {fn})")
 
 
-def probe(seed: int, instances: int, numbers: str) -> None:
+def probe(seed: int, instances: int, numbers: str, inputs: str) -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
@@ -70,7 +71,7 @@ def probe(seed: int, instances: int, numbers: str) -> None:
 
     gsm, _ = gsm_instances(instances, seed)
     records = c4_records(gsm, group_split((i.group for i in gsm), seed))
-    fields = ("problem", "earlier_steps", "step_j")
+    fields = tuple(inputs.split(","))
     model, tok, _ = load_backbone("minilm")
     model.eval()
     ids = encode_rows(tok, [tuple(r[f] for f in fields) for r in records], fields, " [SEP] ", 256,
@@ -89,11 +90,12 @@ def probe(seed: int, instances: int, numbers: str) -> None:
             for k, r in enumerate(rows):
                 seps = [p for p, t in enumerate(ids[r]) if t == tok.sep_token_id]
                 every[r] = hidden[k, : len(ids[r])].mean(0).numpy()
-                last[r] = hidden[k, seps[-2] + 1 : seps[-1]].mean(0).numpy()  # step_j: between the last two [SEP]
+                start = seps[-2] + 1 if len(seps) > 1 else 1  # the last field: between the last two [SEP]
+                last[r] = hidden[k, start : seps[-1]].mean(0).numpy()
     y = np.array([r["label"] == "BRIDGING" for r in records])
     split = np.array([r["split"] for r in records])
     print(f"frozen MiniLM-L6, {','.join(fields)}, numbers={numbers}, data seed {seed}; logistic regression, test templates:")
-    for name, feats in (("mean over every token", every), ("mean over step_j's tokens", last)):
+    for name, feats in (("mean over every token", every), (f"mean over {fields[-1]}'s tokens", last)):
         clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000).fit(feats[split == "train"], y[split == "train"])
         pred = clf.predict(feats)
         print(f"  {name:<28} test BRIDGING F1 {f1_score(y[split == 'test'], pred[split == 'test']):.3f}"
@@ -106,11 +108,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="data seed (templates per split), as bench/quality/run.py")
     p.add_argument("--instances", type=int, default=30, help="instances per GSM template and version")
     p.add_argument("--numbers", default="symbols", choices=("keep", "symbols"), help="probe: number mapping")
+    p.add_argument("--inputs", default=COMPOSITIONS[-1], help="probe: the record fields read, in order")
     args = p.parse_args()
     if args.what == "ceiling":
         ceiling(args.seed, args.instances)
     else:
-        probe(args.seed, args.instances, args.numbers)
+        probe(args.seed, args.instances, args.numbers, args.inputs)
     return 0
 
 
