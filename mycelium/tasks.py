@@ -58,7 +58,7 @@ TASKS: dict[str, TaskSpec] = {
         description="bridging detector: is an implicit operation needed between step_i and step_j?",
         input_fields=("step_i", "step_j"),
         seed_inputs=("step_i", "step_j"),
-        allow_empty=("step_i", "earlier_steps"),
+        allow_empty=("step_i",),
         # The rule behind the label looks at the problem text and every earlier result.
         context_fields=("problem", "earlier_steps"),
         labels=("NOT_BRIDGING", "BRIDGING"),

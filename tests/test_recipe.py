@@ -97,6 +97,9 @@ def test_inputs_parameter_is_validated_and_becomes_the_spec():
     cfg = config_from_args(["--inputs", "problem,step_i,step_j"], "c4")
     assert cfg.spec.input_fields == ("problem", "step_i", "step_j")
     assert set(cfg.spec.allow_empty) == {"problem", "step_i"}
+    # earlier_steps is context ("" before the first step), allowed empty only when it is read.
+    assert config_from_args(["--inputs", "problem,earlier_steps,step_j"], "c4").spec.allow_empty == ("problem", "earlier_steps")
+    assert config_from_args([], "c4").spec.allow_empty == ("step_i",)
     assert config_from_args([], "c4").spec.input_fields == config_from_args([], "c4").spec.input_fields
     with pytest.raises(ConfigError, match="inputs"):
         config_from_args(["--inputs", "problem,question"], "c4")
