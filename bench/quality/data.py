@@ -55,6 +55,7 @@ from mycelium.data.structural import (
     c5_pairs,
     final_answer,
     parse_solution,
+    record_fields,
 )
 
 SPLITS = ("train", "val", "test")
@@ -345,8 +346,7 @@ def c4_records(instances: Sequence[GsmInstance], split: dict[str, str]) -> list[
     """One record per annotated step (``c4_transitions``): previous step -> this step."""
     return [
         {"id": f"{inst.problem_id}:c4:{r['j']}", "problem_id": inst.problem_id, "problem": inst.question,
-         "step_i": r["step_i"], "earlier_steps": r["earlier_steps"], "step_j": r["step_j"], "label": r["label"],
-         "split": split[inst.group], "template": inst.group}  # fmt: skip
+         **record_fields(r), "split": split[inst.group], "template": inst.group}  # fmt: skip
         for inst in instances
         for r in c4_transitions(inst.question, inst.solution)
     ]
@@ -356,8 +356,7 @@ def c5_records(instances: Sequence[GsmInstance], split: dict[str, str]) -> list[
     """One record per ordered step pair i < j (``c5_pairs``)."""
     return [
         {"id": f"{inst.problem_id}:c5:{r['i']}-{r['j']}", "problem_id": inst.problem_id, "problem": inst.question,
-         "step_i": r["step_i"], "step_j": r["step_j"], "label": r["label"],
-         "split": split[inst.group], "template": inst.group}  # fmt: skip
+         **record_fields(r), "split": split[inst.group], "template": inst.group}  # fmt: skip
         for inst in instances
         for r in c5_pairs(inst.question, inst.solution)
     ]

@@ -39,7 +39,9 @@ from typing import Callable, Iterable, Iterator
 
 from mycelium import storage
 from mycelium.data.gsm8k import part_name, to_jsonl
-from mycelium.data.structural import answer_type, c4_transitions, c5_pairs, evaluate, final_answer, parse_solution
+from mycelium.data.structural import (
+    answer_type, c4_transitions, c5_pairs, evaluate, final_answer, parse_solution, record_fields,
+)
 
 TASKS = ("c4", "c5", "c6")
 
@@ -1162,10 +1164,8 @@ def problem_records(task: str, problem: DemoProblem, problem_id: str) -> list[di
     rows = c4_transitions(problem.question, steps) if task == "c4" else c5_pairs(problem.question, steps) if task == "c5" else None
     if rows is None:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    # The rule's text fields as it wrote them (C4 adds earlier_steps); its step indices stay out.
     return [
-        {"id": f"{problem_id}-{n}", "problem_id": problem_id, "problem": problem.question,
-         **{k: v for k, v in row.items() if k not in ("i", "j")}}  # fmt: skip
+        {"id": f"{problem_id}-{n}", "problem_id": problem_id, "problem": problem.question, **record_fields(row)}
         for n, row in enumerate(rows)
     ]
 

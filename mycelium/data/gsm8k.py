@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Iterable, Iterator
 
 from mycelium import storage
-from mycelium.data.structural import c4_transitions, c5_pairs, parse_solution
+from mycelium.data.structural import c4_transitions, c5_pairs, parse_solution, record_fields
 
 RECORD_FIELDS = ("id", "problem_id", "problem", "step_i", "step_j", "label")
 
@@ -93,15 +93,13 @@ def convert_gsm8k(src: str, dest_prefix: str, *, per_file: int = 583) -> dict:
         prefix = f"{name}:{lineno}"
         c4_groups.append(
             [
-                {"id": f"{prefix}:c4:{r['j']}", "problem_id": pid, "problem": question, "step_i": r["step_i"],
-                 "earlier_steps": r["earlier_steps"], "step_j": r["step_j"], "label": r["label"]}  # fmt: skip
+                {"id": f"{prefix}:c4:{r['j']}", "problem_id": pid, "problem": question, **record_fields(r)}
                 for r in c4_transitions(question, steps)
             ]
         )
         c5_groups.append(
             [
-                {"id": f"{prefix}:c5:{r['i']}-{r['j']}", "problem_id": pid, "problem": question,
-                 "step_i": r["step_i"], "step_j": r["step_j"], "label": r["label"]}  # fmt: skip
+                {"id": f"{prefix}:c5:{r['i']}-{r['j']}", "problem_id": pid, "problem": question, **record_fields(r)}
                 for r in c5_pairs(question, steps)
             ]
         )

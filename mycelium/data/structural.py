@@ -508,6 +508,12 @@ def c4_transitions(problem: str, steps: str | Sequence[Step], *, always_known: I
     ]
 
 
+def record_fields(row: dict) -> dict:
+    """A ``c4_transitions`` / ``c5_pairs`` row as record fields: its texts and label, without the
+    step indices (the one place that says which of a rule's fields a record file carries)."""
+    return {k: v for k, v in row.items() if k not in ("i", "j")}
+
+
 # ---------------------------------------------------------------------------------------------
 # C6: answer type
 # ---------------------------------------------------------------------------------------------
