@@ -91,7 +91,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 CONTEXT_INPUTS = {"c4": "problem,step_i,step_j", "c5": "problem,step_i,step_j", "c6": "problem"}
 # Every field the task's labelling rule looks at (structural.py): C4 counts numbers of the problem
 # text and of all earlier results as known.
-RULE_INPUTS = {"c4": "problem,earlier_steps,step_j", "c5": "problem,step_i,step_j", "c6": "problem"}
+RULE_INPUTS = CONTEXT_INPUTS | {"c4": "problem,earlier_steps,step_j"}
 ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "seed-1": ("the seed's first attempt alone (no fallback ladder): the ablation's baseline", {t: [] for t in SEED_TABLE}),
     "+inputs": ("seed-1 + problem text as context (cut first when too long)", {t: ["--inputs", CONTEXT_INPUTS[t]] for t in SEED_TABLE}),
@@ -110,13 +110,12 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
                 {t: ["--threshold", "auto", "--search", "grid"] for t in SEED_TABLE}),
 }
 # Rows run by --recipes only (not --ablation): C4's context exploration (bench/quality/c4-context.md).
+RULE_ARGS = {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256"] for t in SEED_TABLE}
 BY_NAME: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
-                 "mapped to symbols, 256 tokens", {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols",
-                                                       "--max-length", "256"] for t in SEED_TABLE}),
+                 "mapped to symbols, 256 tokens", RULE_ARGS),
     "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
-                          {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256",
-                               "--unfrozen-layers", "4"] for t in SEED_TABLE}),
+                          {t: RULE_ARGS[t] + ["--unfrozen-layers", "4"] for t in SEED_TABLE}),
 }
 RECIPES.update({name: Recipe(name, title, {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--fallbacks", "none"], extra[t])
                                            for t in SEED_TABLE})
