@@ -67,7 +67,8 @@ def probe(seed: int, instances: int, numbers: str, inputs: str) -> None:
     from sklearn.metrics import f1_score
 
     from mycelium.model.backbone import load_backbone
-    from mycelium.text import encode_rows
+    from mycelium.model.blocks import pool
+    from mycelium.text import encode_rows, pad_batch
 
     gsm, _ = gsm_instances(instances, seed)
     records = c4_records(gsm, group_split((i.group for i in gsm), seed))
@@ -81,17 +82,13 @@ def probe(seed: int, instances: int, numbers: str, inputs: str) -> None:
     with torch.no_grad():
         for start in range(0, len(ids), 64):
             rows = order[start : start + 64]
-            width = max(len(ids[r]) for r in rows)
-            x = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for k, r in enumerate(rows):
-                x[k, : len(ids[r])], mask[k, : len(ids[r])] = torch.tensor(ids[r]), 1
+            x, mask = pad_batch([ids[r] for r in rows], tok.pad_token_id)
             hidden = model(input_ids=x, attention_mask=mask).last_hidden_state
+            every[rows] = pool(hidden, mask, "mean").numpy()
             for k, r in enumerate(rows):
                 seps = [p for p, t in enumerate(ids[r]) if t == tok.sep_token_id]
-                every[r] = hidden[k, : len(ids[r])].mean(0).numpy()
-                start = seps[-2] + 1 if len(seps) > 1 else 1  # the last field: between the last two [SEP]
-                last[r] = hidden[k, start : seps[-1]].mean(0).numpy()
+                first = seps[-2] + 1 if len(seps) > 1 else 1  # the last field: between the last two [SEP]
+                last[r] = hidden[k, first : seps[-1]].mean(0).numpy()
     y = np.array([r["label"] == "BRIDGING" for r in records])
     split = np.array([r["split"] for r in records])
     print(f"frozen MiniLM-L6, {','.join(fields)}, numbers={numbers}, data seed {seed}; logistic regression, test templates:")
