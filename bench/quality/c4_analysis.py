@@ -5,13 +5,16 @@
              other than its own results, known numbers those of the composition's context. A crude
              reader (word numbers such as "third" count as 1/3), so a gauge of what each
              composition carries, not a bound. Needs no backbone; seconds.
-``probe``    Frozen MiniLM features of ``--inputs`` (default ``problem,earlier_steps,step_j``) and a logistic
-             regression (scikit-learn, balanced weights) on the training templates, scored on the
-             test templates: mean over every token (what ``pooling=mean`` trains on) against mean
-             over the last field's (step_j's) tokens only. A few minutes on 2 cores.
+``probe``    Frozen features of ``--inputs`` (default ``problem,earlier_steps,step_j``) from
+             ``--backbone`` (default MiniLM) and a standardised logistic regression (scikit-learn,
+             balanced weights) on the training templates, scored on the test templates: mean over
+             every token (what ``pooling=mean`` trains on), mean over the last field's (step_j's)
+             tokens only, and the last token (``pooling=last``). A few minutes for MiniLM on 2
+             cores, about ten for SmolLM2 at ``--instances 8``.
 
     python bench/quality/c4_analysis.py ceiling --seed 0
     python bench/quality/c4_analysis.py probe --seed 0 --numbers symbols
+    python bench/quality/c4_analysis.py probe --seed 0 --numbers keep --backbone smollm2 --instances 8
 """
 
 from __future__ import annotations
@@ -61,39 +64,52 @@ def ceiling(seed: int, instances: int) -> None:
         print(f"  {comp:<32} BRIDGING F1 {2 * tp / (2 * tp + fp + fn):.3f}  (tp {tp}, fp {fp}, fn {fn})")
 
 
-def probe(seed: int, instances: int, numbers: str, inputs: str) -> None:
+def probe(seed: int, instances: int, numbers: str, inputs: str, backbone: str) -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     from mycelium.model.backbone import load_backbone
-    from mycelium.model.blocks import pool
-    from mycelium.text import encode_rows, pad_batch
+    from mycelium.model.blocks import last_positions, pool
+    from mycelium.text import encode_rows, number_symbols, pad_batch
 
     gsm, _ = gsm_instances(instances, seed)
     records = c4_records(gsm, group_split((i.group for i in gsm), seed))
     fields = tuple(inputs.split(","))
-    model, tok, _ = load_backbone("minilm")
+    model, tok, info = load_backbone(backbone)
     model.eval()
-    ids = encode_rows(tok, [tuple(r[f] for f in fields) for r in records], fields, " [SEP] ", 256,
-                      context_fields=fields[:2], numbers=numbers)
-    every, last = np.zeros((len(ids), model.config.hidden_size)), np.zeros((len(ids), model.config.hidden_size))
+    rows = [tuple(r[f] for f in fields) for r in records]
+    ids = encode_rows(tok, rows, fields, " [SEP] ", 256, context_fields=fields[:2], numbers=numbers)
+    # The last field is never cut and ends every sequence: its tokens are the tail (the one
+    # trailing special token of encoders, [SEP], is left out).
+    tail = [len(tok((number_symbols(row) if numbers == "symbols" else row)[-1], add_special_tokens=False)["input_ids"])
+            for row in rows]
+    trailing = int(ids[0][-1] == tok.sep_token_id) if tok.sep_token_id is not None else 0
+    size = model.config.hidden_size
+    every, last, final = (np.zeros((len(ids), size)) for _ in range(3))
     order = np.argsort([len(s) for s in ids])
     with torch.no_grad():
-        for start in range(0, len(ids), 64):
-            rows = order[start : start + 64]
-            x, mask = pad_batch([ids[r] for r in rows], tok.pad_token_id)
-            hidden = model(input_ids=x, attention_mask=mask).last_hidden_state
-            every[rows] = pool(hidden, mask, "mean").numpy()
-            for k, r in enumerate(rows):
-                seps = [p for p, t in enumerate(ids[r]) if t == tok.sep_token_id]
-                first = seps[-2] + 1 if len(seps) > 1 else 1  # the last field: between the last two [SEP]
-                last[r] = hidden[k, first : seps[-1]].mean(0).numpy()
+        for start in range(0, len(ids), 32):
+            batch = order[start : start + 32]
+            x, mask = pad_batch([ids[r] for r in batch], tok.pad_token_id)
+            hidden = model(input_ids=x, attention_mask=mask).last_hidden_state.float()
+            every[batch] = pool(hidden, mask, "mean").numpy()
+            final[batch] = pool(hidden, mask, "last").numpy()
+            ends = last_positions(mask) + 1 - trailing
+            for k, r in enumerate(batch):
+                end = int(ends[k])
+                last[r] = hidden[k, max(0, end - tail[r]) : end].mean(0).numpy()
     y = np.array([r["label"] == "BRIDGING" for r in records])
     split = np.array([r["split"] for r in records])
-    print(f"frozen MiniLM-L6, {','.join(fields)}, numbers={numbers}, data seed {seed}; logistic regression, test templates:")
-    for name, feats in (("mean over every token", every), (f"mean over {fields[-1]}'s tokens", last)):
-        clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000).fit(feats[split == "train"], y[split == "train"])
+    print(f"frozen {backbone}, {','.join(fields)}, numbers={numbers}, data seed {seed}, {instances} instances; "
+          "logistic regression, test templates:")
+    for name, feats in (("mean over every token", every), (f"mean over {fields[-1]}'s tokens", last),
+                        ("last token", final)):
+        # Standardised: decoder hidden states carry a few huge dimensions that swamp an unscaled fit.
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000))
+        clf.fit(feats[split == "train"], y[split == "train"])
         pred = clf.predict(feats)
         print(f"  {name:<28} test BRIDGING F1 {f1_score(y[split == 'test'], pred[split == 'test']):.3f}"
               f"  (val {f1_score(y[split == 'val'], pred[split == 'val']):.3f})")
@@ -106,11 +122,12 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=30, help="instances per GSM template and version")
     p.add_argument("--numbers", default="symbols", choices=("keep", "symbols"), help="probe: number mapping")
     p.add_argument("--inputs", default=COMPOSITIONS[-1], help="probe: the record fields read, in order")
+    p.add_argument("--backbone", default="minilm", help="probe: backbone alias, hub id or folder")
     args = p.parse_args()
     if args.what == "ceiling":
         ceiling(args.seed, args.instances)
     else:
-        probe(args.seed, args.instances, args.numbers, args.inputs)
+        probe(args.seed, args.instances, args.numbers, args.inputs, args.backbone)
     return 0
 
 

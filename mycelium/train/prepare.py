@@ -49,6 +49,8 @@ class Prepared:
     y_val: torch.Tensor
     train_ids: list[list[int]]
     val_ids: list[list[int]]
+    train_starts: list[int]  # per row: index of the first token of its last field (``last_field`` pooling)
+    val_starts: list[int]
     val_rows: list[tuple[str, ...]]
     model: Classifier
     tokenizer: object
@@ -91,9 +93,9 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
     # Tokenize once; every attempt and epoch reuses the ids.
     def encode(records):
         return encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
-                           spec.context_fields, cfg.numbers)
+                           spec.context_fields, cfg.numbers, with_starts=True)
 
-    train_ids, val_ids = encode(split.train), encode(split.val)
+    (train_ids, train_starts), (val_ids, val_starts) = encode(split.train), encode(split.val)
 
     n_blocks = len(transformer_blocks(model.backbone))
     trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, UNFREEZE_BLOCKS if "unfreeze" in cfg.fallback_steps() else 0)))
@@ -102,7 +104,7 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
         data=data, split=split, labels=labels,
         y_train=torch.tensor([index[r.label] for r in split.train]),
         y_val=torch.tensor([index[r.label] for r in split.val]),
-        train_ids=train_ids, val_ids=val_ids, val_rows=[r.inputs for r in split.val],
+        train_ids=train_ids, val_ids=val_ids, train_starts=train_starts, val_starts=val_starts, val_rows=[r.inputs for r in split.val],
         model=model, tokenizer=tokenizer, info=info, pristine=pristine,
         device=device, precision=precision, amp_dtype=amp_dtype,
         cache=FeatureCache() if cfg.cache else None,

@@ -52,6 +52,9 @@ class Source:
 
             world = prep.world
 
+            def starts_of(split: str) -> list[int]:
+                return prep.train_starts if split == "train" else prep.val_starts
+
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
                 return self._cached(("prefix", split, k), key_parts, lambda: shard_pass(world, [len(s) for s in ids], lambda rows: compute_prefix(
@@ -65,10 +68,10 @@ class Source:
                     states = prefix(split, fallback_k)
                     return shard_pass(world, [len(s) for s in ids], lambda rows: pooled_from_prefix(
                         model, states, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
-                        autocast_dtype=prep.amp_dtype, rows=rows))
+                        autocast_dtype=prep.amp_dtype, rows=rows, starts=starts_of(split)))
                 return shard_pass(world, [len(s) for s in ids], lambda rows: compute_pooled(
                     model, [ids[i] for i in rows], pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
-                    device=prep.device, autocast_dtype=prep.amp_dtype))
+                    device=prep.device, autocast_dtype=prep.amp_dtype, starts=[starts_of(split)[i] for i in rows]))
 
             if attempt.unfrozen_layers == 0:
                 self.mode = "pooled"
@@ -109,10 +112,12 @@ class Source:
         if self.mode == "pooled":
             x = (self.train_x if split == "train" else self.val_x)[idx].to(prep.device)
             return model.classify(x)
+        starts = torch.as_tensor([(prep.train_starts if split == "train" else prep.val_starts)[i] for i in idx],
+                                 device=prep.device)
         if self.mode == "prefix":
             hidden, mask = (self.train_x if split == "train" else self.val_x).batch(idx, self.side, prep.device)
-            return model.classify(suffix_encode(model, hidden, mask, self.first_trainable))
+            return model.classify(suffix_encode(model, hidden, mask, self.first_trainable, starts))
         ids = prep.train_ids if split == "train" else prep.val_ids
         input_ids, mask = pad_batch([ids[i] for i in idx], self.pad_id, self.side)
-        return model(input_ids.to(prep.device), mask.to(prep.device))
+        return model(input_ids.to(prep.device), mask.to(prep.device), starts)
 
