@@ -93,7 +93,11 @@ def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str],
 def _last_field_start(tokenizer, text: str, char: int, n_tokens: int) -> int:
     """Index of the first token that covers character ``char`` of ``text`` or comes after it
     (special tokens, whose offsets are empty, never do), among its first ``n_tokens`` tokens."""
-    offsets = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=n_tokens)["offset_mapping"]
+    try:
+        offsets = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=n_tokens)["offset_mapping"]
+    except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
+        raise ValueError(f"pooling=last_field needs a fast tokenizer (one with offsets); {type(tokenizer).__name__} "
+                         "has none: use -P pooling=mean or last") from e
     for k, (begin, end) in enumerate(offsets):
         if end > char and end > begin:
             return k

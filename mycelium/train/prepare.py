@@ -49,8 +49,8 @@ class Prepared:
     y_val: torch.Tensor
     train_ids: list[list[int]]
     val_ids: list[list[int]]
-    train_starts: list[int]  # per row: index of the first token of its last field (``last_field`` pooling)
-    val_starts: list[int]
+    train_starts: list[int] | None  # per row: its last field's first token (``last_field`` pooling only)
+    val_starts: list[int] | None
     val_rows: list[tuple[str, ...]]
     model: Classifier
     tokenizer: object
@@ -91,9 +91,12 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
     model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
 
     # Tokenize once; every attempt and epoch reuses the ids.
+    field = model.pooling == "last_field"  # only that pooling reads where the last field starts
+
     def encode(records):
-        return encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
-                           spec.context_fields, cfg.numbers, with_starts=True)
+        out = encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
+                          spec.context_fields, cfg.numbers, with_starts=field)
+        return out if field else (out, None)
 
     (train_ids, train_starts), (val_ids, val_starts) = encode(split.train), encode(split.val)
 

@@ -52,8 +52,9 @@ class Source:
 
             world = prep.world
 
-            def starts_of(split: str) -> list[int]:
-                return prep.train_starts if split == "train" else prep.val_starts
+            def starts_of(split: str, rows: list[int] | None = None) -> list[int] | None:
+                starts = prep.train_starts if split == "train" else prep.val_starts
+                return starts if starts is None or rows is None else [starts[i] for i in rows]
 
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
@@ -71,7 +72,7 @@ class Source:
                         autocast_dtype=prep.amp_dtype, rows=rows, starts=starts_of(split)))
                 return shard_pass(world, [len(s) for s in ids], lambda rows: compute_pooled(
                     model, [ids[i] for i in rows], pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
-                    device=prep.device, autocast_dtype=prep.amp_dtype, starts=[starts_of(split)[i] for i in rows]))
+                    device=prep.device, autocast_dtype=prep.amp_dtype, starts=starts_of(split, rows)))
 
             if attempt.unfrozen_layers == 0:
                 self.mode = "pooled"
@@ -112,8 +113,8 @@ class Source:
         if self.mode == "pooled":
             x = (self.train_x if split == "train" else self.val_x)[idx].to(prep.device)
             return model.classify(x)
-        starts = torch.as_tensor([(prep.train_starts if split == "train" else prep.val_starts)[i] for i in idx],
-                                 device=prep.device)
+        every = prep.train_starts if split == "train" else prep.val_starts
+        starts = None if every is None else torch.as_tensor([every[i] for i in idx], device=prep.device)
         if self.mode == "prefix":
             hidden, mask = (self.train_x if split == "train" else self.val_x).batch(idx, self.side, prep.device)
             return model.classify(suffix_encode(model, hidden, mask, self.first_trainable, starts))
