@@ -23,7 +23,7 @@ DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
 INPUT_FIELDS = ("problem", "earlier_steps", "step_i", "step_j")  # the record fields a model can read (data contract)
-POOLINGS = ("auto", "last", "mean", "last_field")
+POOLINGS = ("auto", "last", "mean")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -61,7 +61,7 @@ class TrainConfig:
     # keep: numbers as written; symbols: each number value of a record becomes N1, N2, ... (the same
     # symbol in every field), so the model sees which step reuses which quantity. Default: the task table's.
     numbers: str = "keep"
-    pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders; last_field: mean over step_j
+    pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
     # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
     # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
     # Default: the task table's (argmax: a tuned threshold lost on unseen templates, bench/quality).

@@ -58,13 +58,12 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int | None, batch_size
 
 
 def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str], separator: str, max_length: int,
-                context_fields: Sequence[str] = (), numbers: str = "keep", with_starts: bool = False):
+                context_fields: Sequence[str] = (), numbers: str = "keep") -> list[list[int]]:
     """Token ids of records given as field values in ``fields`` order, at most ``max_length`` each.
 
     A row over the limit loses the end of its context fields (the problem text) first, so the
     steps the label is about stay whole; only rows whose other fields alone are too long are cut
-    at the end, as plain truncation would. ``with_starts``: also each row's index of the first
-    token of its last field (what ``last_field`` pooling averages from), as ``(ids, starts)``.
+    at the end, as plain truncation would.
     """
     if numbers == "symbols":  # before truncation, so a cut context does not renumber the steps
         rows = [number_symbols(row) for row in rows]
@@ -82,26 +81,8 @@ def encode_rows(tokenizer, rows: Sequence[Sequence[str]], fields: Sequence[str],
             for i in ctx:
                 row[i], excess = _cut_end(tokenizer, row[i], excess)
             seq = tokenize(tokenizer, [join_inputs(row, separator)], None)[0]
-        texts[r] = join_inputs(row, separator)
-        ids[r] = seq if len(seq) <= max_length else tokenize(tokenizer, [texts[r]], max_length)[0]
-    if not with_starts:
-        return ids
-    return ids, [_last_field_start(tokenizer, t, len(t) - len(row[-1]) if row else 0, len(seq))
-                 for t, row, seq in zip(texts, rows, ids)]
-
-
-def _last_field_start(tokenizer, text: str, char: int, n_tokens: int) -> int:
-    """Index of the first token that covers character ``char`` of ``text`` or comes after it
-    (special tokens, whose offsets are empty, never do), among its first ``n_tokens`` tokens."""
-    try:
-        offsets = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=n_tokens)["offset_mapping"]
-    except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
-        raise ValueError(f"pooling=last_field needs a fast tokenizer (one with offsets); {type(tokenizer).__name__} "
-                         "has none: use -P pooling=mean or last") from e
-    for k, (begin, end) in enumerate(offsets):
-        if end > char and end > begin:
-            return k
-    return max(0, n_tokens - 1)  # the last field was cut away entirely: pool the last token
+        ids[r] = seq if len(seq) <= max_length else tokenize(tokenizer, [join_inputs(row, separator)], max_length)[0]
+    return ids
 
 
 def _cut_end(tokenizer, text: str, n_tokens: int) -> tuple[str, int]:

@@ -20,7 +20,6 @@ from mycelium.cache.passes import (
     compute_pooled,
     compute_prefix,
     for_each_batch,
-    pooled_from_prefix,
     verify_suffix,
 )
 from mycelium.cache.store import (
@@ -37,8 +36,7 @@ from mycelium.model.blocks import apply_freezing, transformer_blocks
 from mycelium.model.classifier import Classifier
 from mycelium.model.suffix import suffix_encode, supports_suffix
 from mycelium.model.tiny import make_tiny_bert, make_tiny_qwen2
-from mycelium.serving.checkpoint import predict_proba
-from mycelium.text import encode_rows, pad_batch, tokenize
+from mycelium.text import pad_batch, tokenize
 
 _WORDS = (
     "Natalia sold 48/2 = 24 clips in May. She sold 48 + 24 = 72 clips altogether in April and May. "
@@ -434,43 +432,3 @@ def test_prefix_cache_obeys_the_memory_budget(tmp_path, monkeypatch, caplog):
     assert "it would exceed cache_memory_gb=1e-06" in caplog.text
     with pytest.raises(ConfigError, match="cache_memory_gb"):
         config_from_args(["--cache-memory-gb", "-1"], "c6").validate()
-
-
-# ---------------------------------------------------------------------------------------------
-# (e) last_field pooling: every path pools the tokens of the last field, and only those
-
-
-def test_last_field_pooling_reads_the_same_tokens_on_every_path(qwen):
-    model, tok, _, _ = qwen
-    problem = " ".join(_WORDS)
-    rows = [(problem[: 12 * k], "She sold 48 + 24 = 72 clips.", f"Then {k} * 60 = {k * 60} minutes in {k} hours.")
-            for k in range(1, 8)]
-    fields = ("problem", "step_i", "step_j")
-    ids, starts = encode_rows(tok, rows, fields, " [SEP] ", 90, context_fields=("problem",), with_starts=True)
-    uncut = encode_rows(tok, rows, fields, " [SEP] ", 10_000)
-    assert len({len(s) for s in ids}) > 3 and max(len(s) for s in ids) <= 90 < max(len(s) for s in uncut)  # padded; cut
-    for seq, start, row in zip(ids, starts, rows):
-        assert tok.decode(seq[start:]).strip() == row[-1]  # exactly step_j's tokens (the problem may be cut)
-    pooling = model.pooling
-    model.pooling = "last_field"
-    try:
-        kw = dict(pad_id=tok.pad_token_id, token_budget=80, progress=False)
-        cached = compute_pooled(model, ids, pad_side="left", starts=starts, **kw)
-        states = compute_prefix(model, ids, 2, pad_side="left", **kw)
-        from_prefix = pooled_from_prefix(model, states, pad_side="right", starts=starts, progress=False)
-        with torch.no_grad():
-            by_hand = torch.stack([model.backbone(input_ids=torch.tensor([s])).last_hidden_state[0, start:].mean(0)
-                                   for s, start in zip(ids, starts)])
-            served = predict_proba(model, tok, {"labels": ["A", "B", "C"], "input_fields": list(fields),
-                                                "separator": " [SEP] ", "max_length": 90, "context_fields": ["problem"]},
-                                   rows)
-            expected = torch.softmax(model.classify(by_hand), dim=-1)
-        torch.testing.assert_close(cached, by_hand, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(from_prefix, by_hand, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.as_tensor(served), expected, atol=1e-5, rtol=1e-4)
-        with pytest.raises(ValueError, match="start of the last field"):
-            compute_pooled(model, ids, pad_side="left", **kw)
-        model.pooling = "mean"
-        assert (compute_pooled(model, ids, pad_side="left", **kw) - cached).abs().max() > 1e-3  # not the plain mean
-    finally:
-        model.pooling = pooling

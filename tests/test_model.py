@@ -60,17 +60,6 @@ def test_pool_unit_left_and_right():
         pool(hidden, right, "cls")
 
 
-def test_last_field_pool_unit_left_and_right():
-    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # value = flat position
-    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    starts = torch.tensor([1, 2])  # counted in real tokens: row 0 skips one real token, row 1 two
-    assert pool(hidden, right, "last_field", starts)[:, 0].tolist() == [1.5, 6.5]
-    assert pool(hidden, left, "last_field", starts)[:, 0].tolist() == [2.5, 6.5]
-    with pytest.raises(ValueError, match="start of the last field"):
-        pool(hidden, right, "last_field")
-
-
 def _alone(model: Classifier, tokenizer, text: str) -> torch.Tensor:
     enc = tokenizer([text], return_tensors="pt")
     return model.encode(enc["input_ids"], enc["attention_mask"])[0]

@@ -169,7 +169,7 @@ def test_mlflow_reads_every_mlproject_default_as_the_task_table_gives_it(tmp_pat
 
 @pytest.fixture(scope="module")
 def gated_run(stack, tmp_path_factory):
-    """C4 with context inputs cut to 64 tokens, pooled over step_j, a head that cannot learn (lr 1e-9: every epoch
+    """C4 with context inputs cut to 64 tokens, a head that cannot learn (lr 1e-9: every epoch
     scores the same), early stopping after 1 flat epoch, and a gate no such head can pass."""
     tmp = tmp_path_factory.mktemp("recipe")
     prefix = f"s3://mycelium-data/tests/recipe-{uuid.uuid4().hex[:8]}"
@@ -178,7 +178,7 @@ def gated_run(stack, tmp_path_factory):
     cfg = config_from_args(
         ["--data", f"{prefix}/c4/", "--backbone", "minilm", "--epochs", "4", "--lr-head", "1e-9", "--early-stopping", "1",
          "--min-metric", "0.99", "--threshold", "auto", "--inputs", "problem,step_i,step_j", "--max-length", "64", "--fallbacks", "none",
-         "--numbers", "symbols", "--pooling", "last_field",
+         "--numbers", "symbols",
          "--registered-model", model, "--experiment", f"exp-{model}"],
         "c4",
     )
@@ -219,7 +219,7 @@ def test_threshold_is_stored_and_applied_by_pyfunc_and_cli(gated_run):
     manifest = json.loads(manifest_path.read_text())
     assert manifest["threshold"] == best.threshold and manifest["threshold"]["label"] == "BRIDGING"
     assert manifest["input_fields"] == ["problem", "step_i", "step_j"] and manifest["context_fields"] == ["problem"]
-    assert manifest["numbers"] == "symbols" and manifest["backbone"]["pooling"] == "last_field"
+    assert manifest["numbers"] == "symbols"
     t = manifest["threshold"]["value"]
     assert 0 < t < 1 and abs(t - 0.5) > 1e-6  # tuned, not the argmax cut
 

@@ -116,9 +116,6 @@ BY_NAME: dict[str, tuple[str, dict[str, list[str]]]] = {
                  "mapped to symbols, 256 tokens", RULE_ARGS),
     "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
                           {t: RULE_ARGS[t] + ["--unfrozen-layers", "4"] for t in SEED_TABLE}),
-    "+context+field": ("seed-1 reading what the label's rule reads, numbers as written, 256 tokens, pooled over the "
-                       "last field's tokens (step_j; in a decoder they have read the context)",
-                       {t: ["--inputs", RULE_INPUTS[t], "--max-length", "256", "--pooling", "last_field"] for t in SEED_TABLE}),
 }
 RECIPES.update({name: Recipe(name, title, {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--fallbacks", "none"], extra[t])
                                            for t in SEED_TABLE})

@@ -103,15 +103,13 @@ def compute_pooled(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     out_device: torch.device | str = "cpu",
-    starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Pooled backbone features ``[N, H]`` float32 for every input, in input order.
 
     One pass in eval mode under ``torch.inference_mode`` over length-bucketed batches of at most
     ``token_budget`` padded tokens and ``max_batch`` rows. ``device`` defaults to the model's
     device; ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs the backbone under autocast.
-    The result is an ordinary tensor on ``out_device`` that the head can train on. ``starts``:
-    each input's start of its last field (``last_field`` pooling).
+    The result is an ordinary tensor on ``out_device`` that the head can train on.
     """
     lengths = _check_lengths(token_ids)
     device = torch.device(device) if device is not None else model_device(model)
@@ -120,9 +118,8 @@ def compute_pooled(
 
     def run(batch: list[int]) -> int:
         ids, mask = pad_batch([token_ids[i] for i in batch], pad_id, pad_side)
-        where = None if starts is None else torch.as_tensor([starts[i] for i in batch], device=device)
         with torch.inference_mode(), _autocast(device, autocast_dtype):
-            feats = model.encode(ids.to(device), mask.to(device), where).float()
+            feats = model.encode(ids.to(device), mask.to(device)).float()
         # Copied outside inference mode so `out` stays an ordinary tensor.
         out[torch.as_tensor(batch, device=out.device)] = feats.to(out.device)
         return len(batch)
@@ -144,11 +141,9 @@ def pooled_from_prefix(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     rows: Sequence[int] | None = None,
-    starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Pooled features ``[N, H]`` from cached prefix states: only the blocks after the prefix run
-    (``rows``: only those rows, ``[len(rows), H]`` in their order; ``starts``: every prefix row's
-    start of its last field, for ``last_field`` pooling).
+    (``rows``: only those rows, ``[len(rows), H]`` in their order).
 
     With the prefix of the unfreeze fallback cached, the frozen attempt's features cost the last
     few blocks instead of a full pass, and the fallback reuses the prefix: one backbone pass serves
@@ -160,11 +155,9 @@ def pooled_from_prefix(
     out = torch.empty((len(rows), model.hidden_size), dtype=torch.float32)
 
     def run(batch: list[int]) -> int:
-        picked = [rows[i] for i in batch]
-        hidden, mask = prefix.batch(picked, pad_side, device)
-        where = None if starts is None else torch.as_tensor([starts[i] for i in picked], device=device)
+        hidden, mask = prefix.batch([rows[i] for i in batch], pad_side, device)
         with torch.inference_mode(), _autocast(device, autocast_dtype):
-            feats = suffix_encode(model, hidden, mask, prefix.first_trainable, where).float()
+            feats = suffix_encode(model, hidden, mask, prefix.first_trainable).float()
         out[torch.as_tensor(batch)] = feats.cpu()
         return len(batch)
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 if TYPE_CHECKING:
     from mycelium.model.classifier import Classifier
 
-POOLINGS: tuple[str, ...] = ("last", "mean", "last_field")
+POOLINGS: tuple[str, ...] = ("last", "mean")
 
 
 def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,33 +45,16 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
 
 
-def field_mask(attention_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` mask of each row's real tokens from index ``starts[b]`` on (counted in real tokens,
-    so it is right for left and right padding alike): the last input field and what follows it."""
-    real = attention_mask.bool()
-    index = attention_mask.long().cumsum(dim=1) - 1  # position among the row's real tokens
-    return real & (index >= starts.to(attention_mask.device).unsqueeze(1))
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str, starts: torch.Tensor | None = None) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
     """``[B, T, H]`` hidden states -> ``[B, H]`` features.
 
     ``last``: the hidden state of each row's last real token, found from the mask, so it is right
     for left and right padding alike. ``mean``: mean over real tokens, accumulated in float32.
-    ``last_field``: mean over the tokens of the last input field (C4/C5: ``step_j``, the step the
-    label is about), from each row's ``starts`` (``text.encode_rows(..., with_starts=True)``); in a
-    decoder those tokens have read every field before them.
     """
     B, T, _ = hidden.shape
     mask = attention_mask.to(hidden.device)
     if kind == "last":
         return hidden[torch.arange(B, device=hidden.device), last_positions(mask)]
-    if kind == "last_field":
-        if starts is None:
-            raise ValueError("pooling 'last_field' needs each row's start of the last field "
-                             "(text.encode_rows(..., with_starts=True))")
-        mask = field_mask(mask, starts)
-        kind = "mean"
     if kind == "mean":
         m = mask.to(torch.float32).unsqueeze(-1)
         summed = (hidden.to(torch.float32) * m).sum(dim=1)

@@ -39,8 +39,7 @@ class ClassificationHead(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Backbone -> pooling -> head. ``forward(input_ids, attention_mask, starts=None) -> logits [B, k]``
-    (``starts``: each row's start of the last field, read by ``last_field`` pooling only)."""
+    """Backbone -> pooling -> head. ``forward(input_ids, attention_mask) -> logits [B, k]``."""
 
     def __init__(
         self,
@@ -61,8 +60,7 @@ class Classifier(nn.Module):
         self.n_classes = n_classes
         self.head = ClassificationHead(self.hidden_size, n_classes, dropout)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               starts: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``[B, H]`` (what a frozen-backbone feature cache stores)."""
         kwargs = {}
         if getattr(self.backbone.config, "use_cache", False):
@@ -70,15 +68,14 @@ class Classifier(nn.Module):
         if self.decoder:
             kwargs["position_ids"] = decoder_position_ids(attention_mask)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return pool(out.last_hidden_state, attention_mask, self.pooling, starts)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from pooled features; cast to the head's dtype (the backbone may run in bf16/fp16)."""
         return self.head(features.to(self.head.out.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                starts: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(self.encode(input_ids, attention_mask, starts))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.encode(input_ids, attention_mask))
 
     def train(self, mode: bool = True) -> Classifier:
         # Frozen parts stay in eval mode (no dropout), so their outputs match a feature cache and

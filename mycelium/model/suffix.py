@@ -67,10 +67,8 @@ def suffix_encode(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
     first_trainable: int,
-    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pooled features ``[B, H]`` from hidden states entering block ``first_trainable``
-    (``starts``: as ``Classifier.encode``, for ``last_field`` pooling).
+    """Pooled features ``[B, H]`` from hidden states entering block ``first_trainable``.
 
     Runs ``blocks[first_trainable:]``, the final norm (when the backbone has one) and the pooling,
     building the attention mask and rotary position embeddings the way the backbone's own forward
@@ -153,7 +151,7 @@ def suffix_encode(
     norm = final_norm(backbone)
     if norm is not None:
         hidden = norm(hidden)
-    return hidden if pooled_tail else pool(hidden, attention_mask, model.pooling, starts)
+    return hidden if pooled_tail else pool(hidden, attention_mask, model.pooling)
 
 
 

@@ -613,10 +613,8 @@ def predict_proba(
         if len(row) != n_fields:
             fields = ", ".join(manifest["input_fields"])
             raise ValueError(f"row {i} has {len(row)} values, expected {n_fields} ({fields})")
-    encoded = text.encode_rows(tokenizer, rows, manifest["input_fields"], manifest["separator"], manifest["max_length"],
-                               manifest.get("context_fields", ()), manifest.get("numbers", "keep"),
-                               with_starts=model.pooling == "last_field")
-    ids, starts = encoded if model.pooling == "last_field" else (encoded, None)
+    ids = text.encode_rows(tokenizer, rows, manifest["input_fields"], manifest["separator"], manifest["max_length"],
+                           manifest.get("context_fields", ()), manifest.get("numbers", "keep"))
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"rows {empty[:10]} tokenize to no tokens")
@@ -635,7 +633,6 @@ def predict_proba(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             input_ids, mask = text.pad_batch([ids[i] for i in idx], pad_id, side=side)
-            where = None if starts is None else torch.as_tensor([starts[i] for i in idx], device=device)
-            logits = model(input_ids.to(device), mask.to(device), where)
+            logits = model(input_ids.to(device), mask.to(device))
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return out

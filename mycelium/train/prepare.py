@@ -49,8 +49,6 @@ class Prepared:
     y_val: torch.Tensor
     train_ids: list[list[int]]
     val_ids: list[list[int]]
-    train_starts: list[int] | None  # per row: its last field's first token (``last_field`` pooling only)
-    val_starts: list[int] | None
     val_rows: list[tuple[str, ...]]
     model: Classifier
     tokenizer: object
@@ -91,14 +89,11 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
     model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
 
     # Tokenize once; every attempt and epoch reuses the ids.
-    field = model.pooling == "last_field"  # only that pooling reads where the last field starts
-
     def encode(records):
-        out = encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
-                          spec.context_fields, cfg.numbers, with_starts=field)
-        return out if field else (out, None)
+        return encode_rows(tokenizer, [r.inputs for r in records], spec.input_fields, spec.separator, cfg.max_length,
+                           spec.context_fields, cfg.numbers)
 
-    (train_ids, train_starts), (val_ids, val_starts) = encode(split.train), encode(split.val)
+    train_ids, val_ids = encode(split.train), encode(split.val)
 
     n_blocks = len(transformer_blocks(model.backbone))
     trainable_names = _names_of_last_blocks(model, min(n_blocks, max(cfg.unfrozen_layers, UNFREEZE_BLOCKS if "unfreeze" in cfg.fallback_steps() else 0)))
@@ -107,7 +102,7 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
         data=data, split=split, labels=labels,
         y_train=torch.tensor([index[r.label] for r in split.train]),
         y_val=torch.tensor([index[r.label] for r in split.val]),
-        train_ids=train_ids, val_ids=val_ids, train_starts=train_starts, val_starts=val_starts, val_rows=[r.inputs for r in split.val],
+        train_ids=train_ids, val_ids=val_ids, val_rows=[r.inputs for r in split.val],
         model=model, tokenizer=tokenizer, info=info, pristine=pristine,
         device=device, precision=precision, amp_dtype=amp_dtype,
         cache=FeatureCache() if cfg.cache else None,

@@ -52,10 +52,6 @@ class Source:
 
             world = prep.world
 
-            def starts_of(split: str, rows: list[int] | None = None) -> list[int] | None:
-                starts = prep.train_starts if split == "train" else prep.val_starts
-                return starts if starts is None or rows is None else [starts[i] for i in rows]
-
             def prefix(split: str, k: int):
                 ids = prep.train_ids if split == "train" else prep.val_ids
                 return self._cached(("prefix", split, k), key_parts, lambda: shard_pass(world, [len(s) for s in ids], lambda rows: compute_prefix(
@@ -69,10 +65,10 @@ class Source:
                     states = prefix(split, fallback_k)
                     return shard_pass(world, [len(s) for s in ids], lambda rows: pooled_from_prefix(
                         model, states, pad_side=side, token_budget=prep.pass_budget, device=prep.device,
-                        autocast_dtype=prep.amp_dtype, rows=rows, starts=starts_of(split)))
+                        autocast_dtype=prep.amp_dtype, rows=rows))
                 return shard_pass(world, [len(s) for s in ids], lambda rows: compute_pooled(
                     model, [ids[i] for i in rows], pad_id=pad_id, pad_side=side, token_budget=prep.pass_budget,
-                    device=prep.device, autocast_dtype=prep.amp_dtype, starts=starts_of(split, rows)))
+                    device=prep.device, autocast_dtype=prep.amp_dtype))
 
             if attempt.unfrozen_layers == 0:
                 self.mode = "pooled"
@@ -113,12 +109,10 @@ class Source:
         if self.mode == "pooled":
             x = (self.train_x if split == "train" else self.val_x)[idx].to(prep.device)
             return model.classify(x)
-        every = prep.train_starts if split == "train" else prep.val_starts
-        starts = None if every is None else torch.as_tensor([every[i] for i in idx], device=prep.device)
         if self.mode == "prefix":
             hidden, mask = (self.train_x if split == "train" else self.val_x).batch(idx, self.side, prep.device)
-            return model.classify(suffix_encode(model, hidden, mask, self.first_trainable, starts))
+            return model.classify(suffix_encode(model, hidden, mask, self.first_trainable))
         ids = prep.train_ids if split == "train" else prep.val_ids
         input_ids, mask = pad_batch([ids[i] for i in idx], self.pad_id, self.side)
-        return model(input_ids.to(prep.device), mask.to(prep.device), starts)
+        return model(input_ids.to(prep.device), mask.to(prep.device))
 
