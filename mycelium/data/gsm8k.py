@@ -18,8 +18,6 @@ from typing import Iterable, Iterator
 from mycelium import storage
 from mycelium.data.structural import c4_transitions, c5_pairs, parse_solution, record_fields
 
-RECORD_FIELDS = ("id", "problem_id", "problem", "step_i", "step_j", "label")
-
 
 def to_jsonl(records: Iterable[dict]) -> bytes:
     """JSON Lines bytes; keys sorted so the same records always give the same bytes."""
