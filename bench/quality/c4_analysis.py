@@ -78,7 +78,7 @@ def probe(seed: int, instances: int, numbers: str, inputs: str, backbone: str) -
     gsm, _ = gsm_instances(instances, seed)
     records = c4_records(gsm, group_split((i.group for i in gsm), seed))
     fields = tuple(inputs.split(","))
-    model, tok, info = load_backbone(backbone)
+    model, tok, _ = load_backbone(backbone)
     model.eval()
     rows = [tuple(r[f] for f in fields) for r in records]
     ids = encode_rows(tok, rows, fields, " [SEP] ", 256, context_fields=fields[:2], numbers=numbers)

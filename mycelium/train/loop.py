@@ -78,8 +78,9 @@ def rank_share(world: World, idx: list[int], y: torch.Tensor, weight: torch.Tens
     """This rank's rows of a global batch and the factor on their (weighted-mean) loss that makes
     DDP's average over ranks equal the whole batch's weighted mean: ``size x`` the rows' share of
     the batch's total target weight (``weight``: the loss's class weights on the CPU, or None). A
-    rank with no rows runs one row at factor 0 (DDP needs every rank's backward). Why not torch's DistributedSampler: it splits the rows before batching, so the
-    length-bucketed batches (and the optimizer steps) would differ from one process's."""
+    rank with no rows runs one row at factor 0 (DDP needs every rank's backward). Why not torch's
+    DistributedSampler: it splits the rows before batching, so the length-bucketed batches (and the
+    optimizer steps) would differ from one process's."""
     if world.size == 1:
         return idx, 1.0
     rows = world.share(idx)
