@@ -109,13 +109,16 @@ ABLATION: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+search": ("seed-1 + tuned threshold + head recipe search (24 recipes, chosen on validation)",
                 {t: ["--threshold", "auto", "--search", "grid"] for t in SEED_TABLE}),
 }
-# Rows run by --recipes only (not --ablation): C4's context exploration (bench/quality/c4-context.md).
+# Rows run by --recipes only (not --ablation): C4's context exploration (bench/quality/c4-context.md)
+# and a full fine-tune on mapped numbers (bench/quality/limits.md).
 RULE_ARGS = {t: ["--inputs", RULE_INPUTS[t], "--numbers", "symbols", "--max-length", "256"] for t in SEED_TABLE}
 BY_NAME: dict[str, tuple[str, dict[str, list[str]]]] = {
     "+context": ("seed-1 reading what the label's rule reads (C4: problem, every earlier step, step_j), numbers "
                  "mapped to symbols, 256 tokens", RULE_ARGS),
     "+context+unfreeze": ("+context with the last 4 blocks trainable from the first attempt",
                           {t: RULE_ARGS[t] + ["--unfrozen-layers", "4"] for t in SEED_TABLE}),
+    "+numbers+finetune": ("seed-1 with numbers mapped to symbols and all 6 of MiniLM's blocks trainable (lr 5e-5)",
+                          {t: ["--numbers", "symbols", "--unfrozen-layers", "6", "--lr-backbone", "5e-5"] for t in SEED_TABLE}),
 }
 RECIPES.update({name: Recipe(name, title, {t: args_of(SEED_TABLE[t], SEED_ARGS[t], ["--fallbacks", "none"], extra[t])
                                            for t in SEED_TABLE})
