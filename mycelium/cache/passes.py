@@ -162,8 +162,9 @@ def pooled_from_prefix(
         return len(batch)
 
     with ModesSaved(model), _progress(len(lengths), "pooled features (from prefix)", progress) as bar:
-        for rows in for_each_batch(length_buckets(lengths, token_budget, max_batch), run, device):
-            bar.update(rows)
+        # Not `rows`: `run` reads the outer `rows` from worker threads while this loop goes on.
+        for done in for_each_batch(length_buckets(lengths, token_budget, max_batch), run, device):
+            bar.update(done)
     return out
 
 
