@@ -37,6 +37,7 @@ from bench.quality.data import c4_records, c5_records, group_split, gsm_instance
 from mycelium.data.structural import implicit_operands, numbers_in_text, parse_solution  # noqa: E402
 
 COMPOSITIONS = ("step_i,step_j", "problem,step_i,step_j", "problem,earlier_steps,step_j")
+RECORDS = {"c4": c4_records, "c5": c5_records}  # the probe's --task: its records
 
 
 def _near(x: Fraction, known: set[Fraction]) -> bool:
@@ -92,7 +93,7 @@ def probe(seed: int, instances: int, numbers: str, inputs: str, backbone: str, t
     from mycelium.text import encode_rows, number_symbols, pad_batch
 
     gsm, _ = gsm_instances(instances, seed)
-    records = (c4_records if task == "c4" else c5_records)(gsm, group_split((i.group for i in gsm), seed))
+    records = RECORDS[task](gsm, group_split((i.group for i in gsm), seed))
     positive = get_task(task).minority_label
     fields = tuple(inputs.split(","))
     model, tok, _ = load_backbone(backbone)
@@ -141,7 +142,7 @@ def main() -> int:
     p.add_argument("--numbers", default="symbols", choices=("keep", "symbols"), help="probe: number mapping")
     p.add_argument("--inputs", default=COMPOSITIONS[-1], help="probe: the record fields read, in order")
     p.add_argument("--backbone", default="minilm", help="probe: backbone alias, hub id or folder")
-    p.add_argument("--task", default="c4", choices=("c4", "c5"), help="probe: the label probed")
+    p.add_argument("--task", default="c4", choices=tuple(RECORDS), help="probe: the label probed")
     p.add_argument("--layer", type=int, default=None,
                    help="probe: read this block's output (0: token embeddings; default: the last block)")
     args = p.parse_args()

@@ -125,8 +125,8 @@ def compute_pooled(
         return len(batch)
 
     with ModesSaved(model), _progress(len(token_ids), "pooled features", progress) as bar:
-        for rows in for_each_batch(batches, run, device):
-            bar.update(rows)
+        for done in for_each_batch(batches, run, device):
+            bar.update(done)
     return out
 
 
@@ -162,7 +162,7 @@ def pooled_from_prefix(
         return len(batch)
 
     with ModesSaved(model), _progress(len(lengths), "pooled features (from prefix)", progress) as bar:
-        # Not `rows`: `run` reads the outer `rows` from worker threads while this loop goes on.
+        # `done`, never `rows`: `run` reads the outer `rows` from worker threads while this loop goes on.
         for done in for_each_batch(length_buckets(lengths, token_budget, max_batch), run, device):
             bar.update(done)
     return out
@@ -327,8 +327,8 @@ def compute_prefix(
 
     try:
         with ModesSaved(model), _progress(len(token_ids), f"prefix states (block {first_trainable})", progress) as bar:
-            for rows in for_each_batch(batches, run, device):
-                bar.update(rows)
+            for done in for_each_batch(batches, run, device):
+                bar.update(done)
     finally:
         handle.remove()
     return PrefixStates(hidden=flat, offsets=offsets_t, lengths=lengths_t, first_trainable=first_trainable)
