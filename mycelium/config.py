@@ -23,7 +23,10 @@ DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
 INPUT_FIELDS = ("problem", "earlier_steps", "step_i", "step_j")  # the record fields a model can read (data contract)
-POOLINGS = ("auto", "last", "mean")
+POOLINGS = ("last", "mean")
+# Mean over real tokens for every backbone: on the packaged decoder it beat last-token pooling on
+# all three tasks' unseen templates (bench/quality/results-smollm2.md, smollm2.md).
+DEFAULT_POOLING = "mean"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -61,7 +64,7 @@ class TrainConfig:
     # keep: numbers as written; symbols: each number value of a record becomes N1, N2, ... (the same
     # symbol in every field), so the model sees which step reuses which quantity. Default: the task table's.
     numbers: str = "keep"
-    pooling: str = "auto"  # auto: last real token for decoder-only backbones, mean for encoders
+    pooling: str = DEFAULT_POOLING  # mean: masked mean over real tokens; last: the last real token
     # Binary tasks: "auto" tunes the decision threshold on validation for the selection metric
     # (stored in the checkpoint, applied by every consumer); "none" = argmax; or a probability.
     # Default: the task table's (argmax: a tuned threshold lost on unseen templates, bench/quality).

@@ -47,9 +47,9 @@ _WORDS = (
 TEXTS = [" ".join(_WORDS[(7 * i) % 11 : (7 * i) % 11 + 1 + (13 * i) % len(_WORDS)]) for i in range(18)]
 
 
-def _build(path, pad_side=None):
-    backbone, tok, info = load_backbone(str(path))
-    model = Classifier(backbone, n_classes=3, dropout=0.0)
+def _build(path, pooling="mean"):
+    backbone, tok, info = load_backbone(str(path), pooling=pooling)
+    model = Classifier(backbone, n_classes=3, pooling=pooling, dropout=0.0)
     model.eval()
     ids = tokenize(tok, TEXTS, max_length=128)
     return model, tok, info, ids
@@ -58,7 +58,13 @@ def _build(path, pad_side=None):
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     torch.manual_seed(0)
-    return _build(make_tiny_qwen2(tmp_path_factory.mktemp("qwen"), num_layers=4))
+    return _build(make_tiny_qwen2(tmp_path_factory.mktemp("qwen"), num_layers=4), pooling="last")  # the pooled-token MLP path
+
+
+@pytest.fixture(scope="module")
+def qwen_mean(tmp_path_factory):
+    torch.manual_seed(0)
+    return _build(make_tiny_qwen2(tmp_path_factory.mktemp("qwen_mean"), num_layers=4))  # the default pooling
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,9 @@ def _full(model, ids, pad_id, side):
 # (a) pooled features
 
 
-@pytest.mark.parametrize("which,side", [("minilm", "right"), ("qwen", "left"), ("qwen", "right")])
+@pytest.mark.parametrize(
+    "which,side", [("minilm", "right"), ("qwen", "left"), ("qwen", "right"), ("qwen_mean", "left"), ("qwen_mean", "right")]
+)
 def test_compute_pooled_matches_encode(which, side, request):
     model, tok, _, ids = request.getfixturevalue(which)
     assert len({len(s) for s in ids}) > 5
@@ -173,8 +181,9 @@ def test_two_batches_at_a_time_give_the_one_at_a_time_results(qwen, two_threads)
 
 @pytest.mark.parametrize("first_trainable", [0, 2, 4])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_suffix_matches_encode_qwen2(qwen, side, first_trainable):
-    model, tok, info, ids = qwen
+@pytest.mark.parametrize("which", ["qwen", "qwen_mean"])
+def test_suffix_matches_encode_qwen2(which, side, first_trainable, request):
+    model, tok, info, ids = request.getfixturevalue(which)
     assert info.num_blocks == 4 and supports_suffix(model)
     # The prefix is computed with the other padding side and other batches than the suffix sees.
     other = "right" if side == "left" else "left"

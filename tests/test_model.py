@@ -11,7 +11,6 @@ import torch
 
 from mycelium.model.backbone import (
     BackboneLoadError,
-    default_pooling,
     load_backbone,
     resolve_backbone,
 )
@@ -65,12 +64,13 @@ def _alone(model: Classifier, tokenizer, text: str) -> torch.Tensor:
     return model.encode(enc["input_ids"], enc["attention_mask"])[0]
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_last_pooling_matches_unpadded_qwen2(qwen2, side):
+def test_decoder_pooling_matches_unpadded_qwen2(qwen2, side, pooling):
     backbone, tokenizer, info = qwen2
-    assert info.pooling == "last" and info.is_decoder and info.architecture == "qwen2"
+    assert info.pooling == "mean" and info.is_decoder and info.architecture == "qwen2"  # the default
     tokenizer.padding_side = side
-    model = Classifier(backbone, n_classes=3).eval()
+    model = Classifier(backbone, n_classes=3, pooling=pooling).eval()
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     mask = enc["attention_mask"]
     assert (mask == 0).any()  # the batch really is padded
@@ -155,7 +155,7 @@ def test_minilm_alias_loads_offline(offline):
     assert info.name == "minilm" and info.resolved == resolve_backbone("minilm")
     assert info.architecture == "bert" and info.num_blocks == 6 and info.hidden_size == 384
     assert info.revision.startswith("sha256:") and len(info.revision) == len("sha256:") + 64
-    assert default_pooling(backbone.config) == "mean"
+    assert info.pooling == "mean"
     assert tokenizer.pad_token == "[PAD]"
 
 

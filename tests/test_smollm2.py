@@ -100,7 +100,7 @@ def test_alias_builds_a_plain_llama_folder(built):
     info, backbone, final = built["info"], built["backbone"], built["final"]
     print(f"first build + load: {built['build_s']:.1f}s")
     assert info.name == "smollm2" and info.resolved == str(final)
-    assert info.architecture == "llama" and info.is_decoder and info.pooling == "last"
+    assert info.architecture == "llama" and info.is_decoder and info.pooling == "mean"
     assert info.hidden_size == 576 and info.num_blocks == 30
     # The base model, like Qwen2's: blocks in .layers, a final .norm, no LM head.
     assert type(backbone).__name__ == "LlamaModel" and not hasattr(backbone, "lm_head")

