@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mycelium.model import DEFAULT_POOLING, POOLINGS
 from mycelium.tasks import TaskSpec, get_task
 from mycelium.text import NUMBER_MODES
 from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES
@@ -23,10 +24,6 @@ DEFAULT_BACKBONE = "Qwen/Qwen2.5-0.5B-Instruct"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FALLBACK_STEPS = ("unfreeze", "sqrt_inv", "focal")
 INPUT_FIELDS = ("problem", "earlier_steps", "step_i", "step_j")  # the record fields a model can read (data contract)
-POOLINGS = ("last", "mean")
-# Mean over real tokens for every backbone: on the packaged decoder it beat last-token pooling on
-# all three tasks' unseen templates (bench/quality/results-smollm2.md, smollm2.md).
-DEFAULT_POOLING = "mean"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 

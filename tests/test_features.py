@@ -31,6 +31,7 @@ from mycelium.cache.store import (
     fits,
     prefix_bytes,
 )
+from mycelium.model import DEFAULT_POOLING
 from mycelium.model.backbone import load_backbone
 from mycelium.model.blocks import apply_freezing, transformer_blocks
 from mycelium.model.classifier import Classifier
@@ -47,7 +48,7 @@ _WORDS = (
 TEXTS = [" ".join(_WORDS[(7 * i) % 11 : (7 * i) % 11 + 1 + (13 * i) % len(_WORDS)]) for i in range(18)]
 
 
-def _build(path, pooling="mean"):
+def _build(path, pooling=DEFAULT_POOLING):
     backbone, tok, info = load_backbone(str(path), pooling=pooling)
     model = Classifier(backbone, n_classes=3, pooling=pooling, dropout=0.0)
     model.eval()

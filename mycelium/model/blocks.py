@@ -14,11 +14,10 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from mycelium.config import POOLINGS
+from mycelium.model import POOLINGS
 
 if TYPE_CHECKING:
     from mycelium.model.classifier import Classifier
-
 
 
 def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
