@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mycelium.model import DEFAULT_POOLING, POOLINGS
+from mycelium.model.pooling import DEFAULT_POOLING, POOLINGS
 from mycelium.tasks import TaskSpec, get_task
 from mycelium.text import NUMBER_MODES
 from mycelium.train.losses import LOSSES, WEIGHT_SCHEMES

@@ -31,7 +31,7 @@ from mycelium.cache.store import (
     fits,
     prefix_bytes,
 )
-from mycelium.model import DEFAULT_POOLING
+from mycelium.model.pooling import DEFAULT_POOLING
 from mycelium.model.backbone import load_backbone
 from mycelium.model.blocks import apply_freezing, transformer_blocks
 from mycelium.model.classifier import Classifier

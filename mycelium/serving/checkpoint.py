@@ -67,7 +67,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mycelium import text
-from mycelium.model import POOLINGS
+from mycelium.model.pooling import POOLINGS
 from mycelium.model.backbone import (
     PACKAGED_ALIASES,
     BackboneInfo,
